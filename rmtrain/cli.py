@@ -1,0 +1,119 @@
+"""Typer commands. No logic here: parse, call, turn known errors into one clear line and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate reward models for RLHF.")
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rmtrain.config import RecipeError
+    from rmtrain.data import DataError
+    from rmtrain.model import ModelError
+    from rmtrain.train import RunDirError
+
+    # Bad input: reported as "where: what" lines with exit status 2 (no traceback unless --debug).
+    return (RecipeError, DataError, ModelError, RunDirError)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _run(debug: bool, action) -> None:
+    from rmtrain.config import RecipeError
+
+    try:
+        action()
+    except _user_errors() as error:
+        if debug:
+            raise
+        lines = [f"{error.source}: {p}" for p in error.problems] if isinstance(error, RecipeError) else [str(error)]
+        for line in lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def fit(
+    recipe: str = typer.Argument(..., help="YAML recipe, e.g. recipes/demo.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.learning_rate=3e-5"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in train.output_dir."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Train a reward model from a recipe."""
+
+    def action() -> None:
+        from rmtrain.config import load_recipe
+
+        loaded = load_recipe(recipe, overrides or [])  # checked before anything heavy is imported
+        _quiet_libraries()
+        from rmtrain.train import fit as run_fit
+
+        run_fit(loaded, resume=resume, overwrite=overwrite)
+
+    _run(debug, action)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="A saved model or run folder (full model or LoRA adapter)."),
+    data: str = typer.Option(..., "--data", help="Preference data: local file/folder or Hub dataset id."),
+    split: str = typer.Option("train", "--split", help="Split (Hub datasets)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Defaults to the length the model was trained with."),
+    truncation: str = typer.Option("filter", "--truncation", help="filter (drop longer pairs, as TRL) or truncate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per batch."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics to this JSON file."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Evaluate a saved reward model on preference pairs."""
+
+    def action() -> None:
+        if truncation not in ("filter", "truncate"):
+            from rmtrain.data import DataError
+
+            raise DataError(f"--truncation: expected filter or truncate, got {truncation!r}")
+        _quiet_libraries()
+        from rmtrain.evaluate import run_eval
+
+        run_eval(model, data, split, max_length, truncation, batch_size, json_out)
+
+    _run(debug, action)
+
+
+@app.command()
+def export(
+    run_dir: str = typer.Argument(..., help="A run folder (full model or LoRA adapter)."),
+    out_dir: str = typer.Argument(..., help="Where to write a plain transformers model folder."),
+    merge: bool = typer.Option(False, "--merge", help="Fold LoRA weights into the base model."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Write a folder that plain AutoModelForSequenceClassification loads."""
+
+    def action() -> None:
+        _quiet_libraries()
+        from rmtrain.export import export_model
+
+        export_model(run_dir, out_dir, merge)
+
+    _run(debug, action)
+
+
+def main() -> None:
+    app(prog_name="rmtrain")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

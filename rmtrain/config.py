@@ -1,0 +1,371 @@
+"""Recipe: YAML -> plain dataclasses, one per concern.
+
+`load_recipe()` checks the whole file before anything heavy is imported or loaded, and reports every
+problem at once, each with its YAML path (`train.learning_rate: ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hub id or local folder of the base model (required)."""
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Forwarded to `from_pretrained` (dtype, attn_implementation, revision, ...). `num_labels` is always 1."""
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    """A .gguf file inside `name_or_path` to load (dequantized to float weights)."""
+    chat_template_path: str | None = None
+    """A Jinja file, or a tokenizer folder whose chat template to use."""
+    eos_token: str | None = None
+    pad_token: str | None = None
+    disable_dropout: bool = True
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    """Local json/jsonl/parquet/csv file or folder, or a Hub dataset id."""
+    split: str = "train"
+    name: str | None = None
+    """Hub dataset config name."""
+    columns: dict[str, str | None] = field(default_factory=dict)
+    """Maps this source's column names onto prompt/chosen/rejected/margin, e.g. {question: prompt};
+    null drops a column (e.g. {margin: null} to train without the file's margins)."""
+    where: dict[str, Any] = field(default_factory=dict)
+    """Keep only rows whose columns equal these values, e.g. {split: train_sample}."""
+    limit: int | None = None
+    """Use only the first N rows (after `skip`)."""
+    skip: int = 0
+    """Skip the first N rows."""
+
+
+@dataclass
+class DataConfig:
+    train: DataSource | None = None
+    eval: DataSource | None = None
+    eval_fraction: float | None = None
+    """Hold out this fraction of train as the eval set (when `eval` is not given)."""
+    max_length: int = 1024
+    truncation: Literal["filter", "truncate"] = "filter"
+    """filter: drop a pair if either side is longer than max_length (TRL). truncate: cut from the left."""
+    num_proc: int | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+    """Defaults to the model's reward head (`score` for decoders, `classifier` for BERT-like encoders)."""
+    init_from: str | None = None
+    """An existing PEFT reward-model adapter folder to continue training."""
+    merge: bool = False
+    """Also write a merged full model to `output_dir/merged`."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    learning_rate: float = 1e-4
+    per_device_batch_size: int = 8
+    """Pairs per device per micro-batch (each pair is two sequences)."""
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides num_epochs when set."""
+    warmup_ratio: float = 0.0
+    lr_scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    bf16: bool | None = None
+    """null: bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool = True
+    activation_offloading: bool = False
+    center_rewards_coefficient: float | None = None
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps (and always at the end when there is an eval set)."""
+    eval_batch_size: int | None = None
+    """Pairs per device for evaluation; defaults to per_device_batch_size."""
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, collecting every problem.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return origin.__name__
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Return `value` checked (and mildly coerced: int -> float) against type `tp`, or record a problem."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1 and dataclasses.is_dataclass(real[0]):  # optional section: report its own problems
+            return _convert(value, real[0], path, problems)
+        for option in options:
+            if option is type(None):
+                continue
+            trial: list[str] = []
+            converted = _convert(value, option, path, trial)
+            if not trial:
+                return converted
+        problems.append(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+        return None
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        problems.append(f"{path}: expected one of {_type_name(tp)}, got {_describe(value)}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_describe(value)}")
+            return None
+        return _build(tp, value, path, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {_describe(value)}")
+            return None
+        return [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_describe(value)}")
+            return None
+        return {_convert(k, key_tp, f"{path}", problems): _convert(v, val_tp, f"{path}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept what Python reads as a float.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+    return None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _build(cls: type, values: dict[str, Any], path: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            problems.append(f"{where}: unknown key{hint}")
+            continue
+        kwargs[key] = _convert(value, hints[key], where, problems)
+    return cls(**{k: v for k, v in kwargs.items() if v is not None or _accepts_none(hints[k])})
+
+
+def _accepts_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Values that type-check but cannot work.
+
+
+def _validate(recipe: Recipe, problems: list[str]) -> None:
+    m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    check(bool(m.name_or_path), "model.name_or_path: required (a Hub id or a local model folder)")
+    if "num_labels" in m.init_kwargs:
+        problems.append("model.init_kwargs.num_labels: a reward model always has num_labels=1; remove this key")
+    check(d.train is not None, "data.train: required (a mapping with at least `path`)")
+    for name in ("train", "eval"):
+        source = getattr(d, name)
+        if source is None:
+            continue
+        check(bool(source.path), f"data.{name}.path: required (a local file or folder, or a Hub dataset id)")
+        for column, target in source.columns.items():
+            check(
+                target in ("prompt", "chosen", "rejected", "margin", None),
+                f"data.{name}.columns.{column}: maps onto '{target}', expected prompt, chosen, rejected, margin or null",
+            )
+        check(source.skip >= 0, f"data.{name}.skip: must be >= 0, got {source.skip}")
+        check(source.limit is None or source.limit > 0, f"data.{name}.limit: must be > 0, got {source.limit}")
+    if d.eval_fraction is not None:
+        check(0 < d.eval_fraction < 1, f"data.eval_fraction: must be between 0 and 1, got {d.eval_fraction}")
+        check(d.eval is None, "data.eval_fraction: give either data.eval or data.eval_fraction, not both")
+    check(d.max_length >= 8, f"data.max_length: must be at least 8, got {d.max_length}")
+    check(d.num_proc is None or d.num_proc >= 1, f"data.num_proc: must be >= 1, got {d.num_proc}")
+
+    if lora is not None:
+        check(lora.r >= 1, f"lora.r: must be >= 1, got {lora.r}")
+        check(lora.alpha > 0, f"lora.alpha: must be > 0, got {lora.alpha}")
+        check(0 <= lora.dropout < 1, f"lora.dropout: must be in [0, 1), got {lora.dropout}")
+
+    check(bool(t.output_dir), "train.output_dir: required (where the run is written)")
+    check(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    check(t.per_device_batch_size >= 1, f"train.per_device_batch_size: must be >= 1, got {t.per_device_batch_size}")
+    check(t.gradient_accumulation_steps >= 1, f"train.gradient_accumulation_steps: must be >= 1, got {t.gradient_accumulation_steps}")
+    check(t.num_epochs > 0, f"train.num_epochs: must be > 0, got {t.num_epochs}")
+    check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps: must be >= 1, got {t.max_steps}")
+    check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    check(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    check(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
+    check(t.logging_steps >= 1, f"train.logging_steps: must be >= 1, got {t.logging_steps}")
+    check(t.eval_steps is None or t.eval_steps >= 1, f"train.eval_steps: must be >= 1, got {t.eval_steps}")
+    check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
+    check(t.save_steps is None or t.save_steps >= 1, f"train.save_steps: must be >= 1, got {t.save_steps}")
+    check(t.save_total_limit is None or t.save_total_limit >= 1, f"train.save_total_limit: must be >= 1, got {t.save_total_limit}")
+    check(
+        t.center_rewards_coefficient is None or t.center_rewards_coefficient >= 0,
+        f"train.center_rewards_coefficient: must be >= 0, got {t.center_rewards_coefficient}",
+    )
+    check(t.eval_steps is None or d.eval is not None or d.eval_fraction is not None,
+          "train.eval_steps: set, but there is no eval set (add data.eval or data.eval_fraction)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def apply_override(tree: dict[str, Any], override: str) -> str | None:
+    """Apply `a.b.c=value` (value parsed as YAML) to `tree`; return a problem or None."""
+    if "=" not in override:
+        return f"override '{override}': expected key.sub=value"
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        return f"override '{override}': expected key.sub=value"
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            return f"override '{override}': {key} is not a mapping"
+        node = child
+    node[keys[-1]] = value
+    return None
+
+
+def parse_recipe(tree: Any, source: str = "<recipe>") -> Recipe:
+    problems: list[str] = []
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError(source, [f"expected a mapping of sections (model, data, lora, train), got {_describe(tree)}"])
+    recipe = _build(Recipe, tree, "", problems)
+    _validate(recipe, problems)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, and check everything (raises RecipeError)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(source, ["no such file" if not path.exists() else "not a file"])
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        reason = getattr(error, "problem", None) or str(error)
+        raise RecipeError(source, [f"YAML syntax error at {where}{reason}"]) from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(source, [f"not UTF-8 text ({error.reason} at byte {error.start})"]) from None
+    if tree is None:
+        tree = {}
+    problems = [p for p in (apply_override(tree, o) for o in overrides or []) if p] if isinstance(tree, dict) else []
+    if problems:
+        raise RecipeError(source, problems)
+    return parse_recipe(tree, source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,423 @@
+"""Preference rows -> tokenized pairs.
+
+A row is standard (`chosen`/`rejected` are strings) or conversational (lists of `{role, content}`
+messages), with an explicit `prompt` or an implicit one (shared by chosen and rejected). Standard text
+is `prompt + completion` tokenized with the tokenizer's special tokens, plus the EOS token for decoder
+models so that the reward is read at the end of the response (as TRL does). Conversational rows are
+rendered by the chat template (`prompt + completion` messages) and tokenized without extra specials.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmtrain.config import DataConfig, DataSource
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+class DataError(ValueError):
+    """A data problem, with the file (or dataset) and row it comes from."""
+
+
+@dataclass
+class TokenFormat:
+    """How text becomes token ids for one model; saved with the model so eval/score reproduce it."""
+
+    append_eos: str | None
+    """EOS token appended to standard text that does not end with it (decoders only)."""
+    pad_token_id: int
+    is_encoder: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"append_eos": self.append_eos, "pad_token_id": self.pad_token_id, "is_encoder": self.is_encoder}
+
+
+@dataclass
+class Preflight:
+    """What happened to the rows of one split, for the pre-flight line."""
+
+    name: str
+    read: int = 0
+    kept: int = 0
+    too_long: int = 0
+    truncated: int = 0
+    identical: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def line(self, truncation: str, max_length: int) -> str:
+        parts = [f"{self.name}: {self.read} pairs read, {self.kept} kept"]
+        if truncation == "filter":
+            parts.append(f"{self.too_long} dropped (longer than {max_length} tokens)")
+        else:
+            parts.append(f"{self.truncated} truncated to {max_length} tokens")
+        parts.append(f"{self.identical} dropped (chosen == rejected)")
+        if self.lengths:
+            ordered = sorted(self.lengths)
+            pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+            parts.append(f"tokens/sequence p50 {pct(0.5)} p90 {pct(0.9)} p99 {pct(0.99)} max {ordered[-1]}")
+        return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(source: DataSource) -> tuple[list[dict[str, Any]], str]:
+    """Rows of one source as plain dicts (columns renamed), and a name for messages."""
+    path = Path(source.path).expanduser()
+    if path.exists():
+        files = _data_files(path)
+        name = str(path)
+        rows: list[dict[str, Any]] = []
+        for file in files:
+            rows.extend(_read_file(file, source))
+    elif source.path.startswith((".", "/", "~")) or Path(source.path).suffix in FILE_BUILDERS:
+        raise DataError(f"{source.path}: no such file or folder")
+    else:
+        rows, name = _read_hub(source)
+    if source.where:
+        for column in source.where:
+            if rows and all(column not in row for row in rows):
+                raise DataError(f"{name}: where: no column '{column}' (columns: {', '.join(sorted(rows[0]))})")
+        rows = [row for row in rows if all(row.get(k) == v for k, v in source.where.items())]
+    rows = rows[source.skip:]
+    if source.limit is not None:
+        rows = rows[: source.limit]
+    if source.columns:
+        rows = [
+            {source.columns.get(k, k): v for k, v in row.items() if source.columns.get(k, k) is not None}
+            for row in rows
+        ]
+    return rows, name
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in FILE_BUILDERS:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}', expected .jsonl, .json, .parquet or .csv")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS)
+    if not files:
+        raise DataError(f"{path}: folder holds no .jsonl, .json, .parquet or .csv file")
+    return files
+
+
+def _read_file(path: Path, source: DataSource) -> list[dict[str, Any]]:
+    if path.suffix in (".json", ".jsonl"):
+        return _read_json(path)
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # datasets raises many types; the message is what the user needs
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {_first_line(error)}") from None
+    return dataset.to_list()
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """JSON lines (or one JSON array) read with row numbers for errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {error.start}); re-encode the file as UTF-8") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def _read_hub(source: DataSource) -> tuple[list[dict[str, Any]], str]:
+    import datasets
+
+    name = f"{source.path}[{source.split}]"
+    try:
+        dataset = datasets.load_dataset(source.path, source.name, split=source.split)
+    except Exception as error:
+        raise DataError(
+            f"{source.path}: not a local file or folder, and loading it as a Hub dataset failed: {_first_line(error)}"
+        ) from None
+    return dataset.to_list(), name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows -> texts
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not messages:
+        raise DataError(f"{where}: empty message list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has unknown role '{message['role']}' (expected one of {', '.join(sorted(ROLES))})")
+
+
+def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> tuple[str, str, bool]:
+    """(chosen_text, rejected_text, add_special_tokens) for one row."""
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            present = ", ".join(sorted(row)) or "none"
+            raise DataError(f"{where}: missing '{key}' (columns present: {present}; map yours with data.*.columns)")
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    shapes = {_is_messages(chosen), _is_messages(rejected)} | ({_is_messages(prompt)} if prompt is not None else set())
+    if len(shapes) > 1:
+        raise DataError(f"{where}: mixes plain strings and message lists in prompt/chosen/rejected")
+    if _is_messages(chosen):
+        prompt = prompt or []
+        for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if key != "prompt" or value:
+                _check_messages(value, f"{where}: {key}")
+        if not tokenizer.chat_template:
+            raise DataError(
+                f"{where}: conversational rows need a chat template, and the tokenizer has none; "
+                "set model.chat_template_path to a Jinja file or a tokenizer folder"
+            )
+        render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
+        return render(prompt + chosen), render(prompt + rejected), False
+    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: '{key}' must be a string or a message list, got {type(value).__name__}")
+    if not chosen.strip() or not rejected.strip():
+        raise DataError(f"{where}: empty {'chosen' if not chosen.strip() else 'rejected'} text")
+    prompt = prompt or ""
+    chosen, rejected = prompt + chosen, prompt + rejected
+    if fmt.append_eos:
+        chosen = chosen if chosen.endswith(fmt.append_eos) else chosen + fmt.append_eos
+        rejected = rejected if rejected.endswith(fmt.append_eos) else rejected + fmt.append_eos
+    return chosen, rejected, True
+
+
+def row_margin(row: dict[str, Any], where: str) -> float | None:
+    if "margin" not in row:
+        return None
+    value = row["margin"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: 'margin' must be a finite number, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizing, truncating, filtering
+
+
+def special_token_frame(tokenizer) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after plain text (e.g. BERT: [CLS] / [SEP])."""
+    bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return start, len(full) - start - len(bare)
+    return 0, 0
+
+
+def truncate_left(ids: list[int], max_length: int, head: int, tail: int) -> list[int]:
+    """Keep the last tokens of the body (prompt is cut first, then the start of the completion).
+
+    Leading and trailing special tokens (BOS/CLS, SEP) stay, so the reward token is still the end of the
+    response and encoders keep the token they pool.
+    """
+    if len(ids) <= max_length:
+        return ids
+    body = ids[head : len(ids) - tail]
+    keep = max_length - head - tail
+    return ids[:head] + body[len(body) - keep :] + ids[len(ids) - tail :]
+
+
+def tokenize_pairs(
+    rows: list[dict[str, Any]],
+    name: str,
+    tokenizer,
+    fmt: TokenFormat,
+    max_length: int,
+    truncation: str,
+    num_proc: int | None = None,
+    row_offset: int = 0,
+) -> tuple[list[dict[str, Any]], Preflight]:
+    """Tokenized pairs `{chosen_ids, rejected_ids, margin?, row}` and what was dropped on the way."""
+    stats = Preflight(name=name, read=len(rows))
+    texts = []
+    margins = []
+    for index, row in enumerate(rows):
+        where = f"{name}: row {index + 1 + row_offset}"
+        texts.append(row_texts(row, where, tokenizer, fmt))
+        margins.append(row_margin(row, where))
+    has_margin = [m is not None for m in margins]
+    if any(has_margin) and not all(has_margin):
+        missing = has_margin.index(False) + 1 + row_offset
+        raise DataError(f"{name}: row {missing}: 'margin' missing while other rows have it")
+
+    chosen_ids, rejected_ids = _tokenize(texts, tokenizer, num_proc)
+    head, tail = special_token_frame(tokenizer)
+    pairs = []
+    for index, (chosen, rejected, (_, _, add_special)) in enumerate(zip(chosen_ids, rejected_ids, texts)):
+        if chosen == rejected:
+            stats.identical += 1
+            continue
+        if len(chosen) > max_length or len(rejected) > max_length:
+            if truncation == "filter":
+                stats.too_long += 1
+                continue
+            h, t = (head, tail) if add_special else (0, 0)
+            chosen, rejected = truncate_left(chosen, max_length, h, t), truncate_left(rejected, max_length, h, t)
+            stats.truncated += 1
+            if chosen == rejected:
+                stats.identical += 1
+                continue
+        if not fmt.is_encoder and (fmt.pad_token_id in chosen or fmt.pad_token_id in rejected):
+            pad = tokenizer.convert_ids_to_tokens(fmt.pad_token_id)
+            raise DataError(
+                f"{name}: row {index + 1 + row_offset}: contains the pad token {pad!r}, which would hide the reward "
+                "token from transformers' last-non-pad pooling; set model.pad_token to a token your data never uses"
+            )
+        pair = {"chosen_ids": chosen, "rejected_ids": rejected, "row": index + row_offset}
+        if margins[index] is not None:
+            pair["margin"] = margins[index]
+        pairs.append(pair)
+        stats.lengths.extend((len(chosen), len(rejected)))
+    stats.kept = len(pairs)
+    return pairs, stats
+
+
+def _tokenize(texts: list[tuple[str, str, bool]], tokenizer, num_proc: int | None) -> tuple[list, list]:
+    import datasets
+
+    # One shape per file (check_single_shape), so one add_special_tokens flag for all rows.
+    add_special = texts[0][2] if texts else True
+    table = datasets.Dataset.from_dict({"chosen": [t[0] for t in texts], "rejected": [t[1] for t in texts]})
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return {
+            f"{key}_ids": tokenizer(batch[key], add_special_tokens=add_special)["input_ids"]
+            for key in ("chosen", "rejected")
+        }
+
+    encoded = table.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc,
+        remove_columns=table.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+    )
+    return encoded["chosen_ids"], encoded["rejected_ids"]
+
+
+def check_single_shape(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> None:
+    """One file must hold one shape: all plain strings or all message lists."""
+    first = None
+    for index, row in enumerate(rows):
+        value = row.get("chosen")
+        if value is None:
+            continue
+        shape = "conversational (message lists)" if _is_messages(value) else "standard (strings)"
+        if first is None:
+            first = (shape, index)
+        elif shape != first[0]:
+            raise DataError(
+                f"{name}: row {index + 1 + row_offset}: is {shape} but row {first[1] + 1 + row_offset} is {first[0]}; "
+                "use one shape per file"
+            )
+
+
+def load_pairs(
+    data: DataConfig, tokenizer, fmt: TokenFormat, seed: int
+) -> tuple[list[dict], list[dict] | None, list[Preflight]]:
+    """Train and eval pairs for a recipe, and their pre-flight statistics."""
+    assert data.train is not None
+    rows, name = read_rows(data.train)
+    check_single_shape(rows, name, data.train.skip)
+    train, train_stats = tokenize_pairs(
+        rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.train.skip
+    )
+    stats = [train_stats]
+    train_stats.name = f"train ({name})"
+    eval_pairs = None
+    if data.eval is not None:
+        rows, name = read_rows(data.eval)
+        check_single_shape(rows, name, data.eval.skip)
+        eval_pairs, eval_stats = tokenize_pairs(
+            rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.eval.skip
+        )
+        eval_stats.name = f"eval ({name})"
+        stats.append(eval_stats)
+    elif data.eval_fraction:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(train) * data.eval_fraction))
+        held_out = set(order[:n_eval])
+        eval_pairs = [p for i, p in enumerate(train) if i in held_out]
+        train = [p for i, p in enumerate(train) if i not in held_out]
+        train_stats.name += f", {len(eval_pairs)} held out for eval"
+    if not train:
+        raise DataError(_nothing_left(stats[0], data, "train"))
+    if eval_pairs is not None and not eval_pairs:
+        raise DataError(_nothing_left(stats[-1], data, "eval"))
+    return train, eval_pairs, stats
+
+
+def _nothing_left(stats: Preflight, data: DataConfig, split: str) -> str:
+    if stats.too_long and stats.too_long + stats.identical == stats.read:
+        return (
+            f"{stats.name}: every pair is longer than data.max_length={data.max_length}; "
+            "raise data.max_length or set data.truncation: truncate"
+        )
+    return f"{stats.name}: no {split} pairs left ({stats.read} read, {stats.identical} identical, {stats.too_long} too long)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen then rejected sequences in one right-padded batch, for a single forward pass."""
+    sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "row": torch.tensor([p["row"] for p in pairs], dtype=torch.long),
+    }
+    if "margin" in pairs[0]:
+        batch["margin"] = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)
+    return batch

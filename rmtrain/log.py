@@ -1,0 +1,118 @@
+"""Rich console (progress bar with ETA, metric lines and tables) and the metrics.jsonl file.
+
+Only the main process writes; other processes get a logger whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+METRIC_ORDER = ["loss", "accuracy", "margin", "mean_reward", "std_reward", "min_reward", "max_reward"]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _summary(values: dict[str, Any]) -> str:
+    """A console line short enough for a terminal; metrics.jsonl has every value."""
+    parts = [f"loss {values['loss']:.4f}", f"acc {values['accuracy']:.3f}", f"margin {_fmt(values['margin'])}"]
+    parts.append(f"reward {_fmt(values['mean_reward'])} [{_fmt(values['min_reward'])}, {_fmt(values['max_reward'])}]")
+    if "learning_rate" in values:
+        parts.append(f"lr {values['learning_rate']:.2e}")
+    if "pairs_per_s" in values:
+        parts.append(f"{values['pairs_per_s']:.1f} pairs/s")
+    return "  ".join(parts)
+
+
+class RunLog:
+    def __init__(self, metrics_file: Path | None = None, enabled: bool = True, console: Console | None = None):
+        self.enabled = enabled
+        self.console = console or Console(file=sys.stderr, highlight=False)
+        self.metrics_file = metrics_file
+        self.progress: Progress | None = None
+        self.task = None
+
+    # plain lines -------------------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, markup=False)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"warning: {message}", style="yellow", markup=False)
+
+    # progress ----------------------------------------------------------------------------------
+    def start_progress(self, total: int, completed: int = 0, description: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, completed=completed)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, steps)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    # metrics -----------------------------------------------------------------------------------
+    def metrics(self, split: str, step: int, values: dict[str, Any]) -> None:
+        """One record: a console line and a metrics.jsonl row."""
+        if not self.enabled:
+            return
+        record = {"split": split, "step": step, **values}
+        if self.metrics_file is not None:
+            with self.metrics_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, allow_nan=True) + "\n")
+        self.console.print(f"[{split} step {step}] {_summary(values)}", markup=False, highlight=False)
+
+    def table(self, title: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title, show_header=True)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in [k for k in METRIC_ORDER if k in values] + [k for k in values if k not in METRIC_ORDER]:
+            table.add_row(key, _fmt(values[key]))
+        self.console.print(table)
+
+
+def truncate_metrics_file(path: Path, after_step: int) -> None:
+    """On resume, drop records written after the checkpoint so the file reads as one run."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("step", math.inf) <= after_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

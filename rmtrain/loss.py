@@ -1,0 +1,71 @@
+"""Bradley-Terry loss and reward statistics: pure tensor math, no model, no I/O."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pair loss `-log sigmoid(r_chosen - r_rejected - margin)`, shape [num_pairs]."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def centering_penalty(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair `(r_chosen + r_rejected)^2`, which pushes rewards towards mean zero.
+
+    This is Eq. 2 of Eisenstein et al. 2023 (arXiv 2312.09244) and exactly what TRL's
+    `center_rewards_coefficient` multiplies, so a recipe ported from TRL trains the same model.
+    """
+    return (chosen + rejected) ** 2
+
+
+def reward_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
+    """Per-pair training loss; its mean over pairs is what is optimised and logged as `loss`."""
+    loss = bradley_terry_loss(chosen, rejected, margin)
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * centering_penalty(chosen, rejected)
+    return loss
+
+
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+    """Metrics over every pair given (already gathered across processes).
+
+    accuracy counts a tie as wrong (strict >), as RewardBench does; rewards statistics cover chosen and
+    rejected together.
+    """
+    chosen = chosen.detach().double()
+    rejected = rejected.detach().double()
+    rewards = torch.cat([chosen, rejected])
+    return {
+        "loss": loss.detach().double().mean().item(),
+        "accuracy": (chosen > rejected).double().mean().item(),
+        "margin": (chosen - rejected).mean().item(),
+        "mean_reward": rewards.mean().item(),
+        "std_reward": rewards.std(unbiased=False).item(),
+        "min_reward": rewards.min().item(),
+        "max_reward": rewards.max().item(),
+        "num_pairs": int(chosen.numel()),
+    }
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, from the attention mask alone.
+
+    Works with right or left padding and never looks at token ids, so pad == eos is harmless.
+    """
+    seq_len = attention_mask.shape[-1]
+    positions = torch.arange(seq_len, device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(-1)

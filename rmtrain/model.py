@@ -1,0 +1,357 @@
+"""Model, tokenizer and LoRA set-up, reward read-out, and saving/loading reward-model folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmtrain.config import LoraConfig, ModelConfig
+from rmtrain.data import TokenFormat
+from rmtrain.loss import last_token_index
+
+# Written next to a saved model: how rmtrain turned text into ids, so eval/score reproduce it exactly.
+FORMAT_FILE = "rmtrain_format.json"
+
+
+class ModelError(ValueError):
+    """A model, tokenizer or LoRA setting that cannot work, with the recipe key to fix."""
+
+
+@dataclass
+class RewardModel:
+    model: nn.Module
+    """The HF sequence-classification model (possibly a PEFT model)."""
+    tokenizer: Any
+    fmt: TokenFormat
+    head: nn.Module
+    """The module producing per-token scores (decoders) or the pooled logit (encoders)."""
+    head_name: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def is_encoder_config(config) -> bool:
+    """Bidirectional encoders (BERT, RoBERTa, DeBERTa, ...) pool their own token; decoders use the last one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _from_pretrained_kwargs(mc: ModelConfig) -> dict[str, Any]:
+    kwargs = dict(mc.init_kwargs)
+    if mc.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if mc.gguf_file:
+        kwargs["gguf_file"] = mc.gguf_file
+    return kwargs
+
+
+def load_tokenizer(mc: ModelConfig, is_encoder: bool):
+    from transformers import AutoTokenizer
+
+    kwargs = {k: v for k, v in _from_pretrained_kwargs(mc).items() if k in ("revision", "trust_remote_code", "gguf_file")}
+    tokenizer = AutoTokenizer.from_pretrained(mc.name_or_path, **kwargs)
+    if mc.chat_template_path:
+        tokenizer.chat_template = read_chat_template(mc.chat_template_path)
+    if mc.eos_token:
+        if mc.eos_token not in tokenizer.get_vocab():
+            raise ModelError(f"model.eos_token: {mc.eos_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = mc.eos_token
+    tokenizer.pad_token = choose_pad_token(tokenizer, mc.pad_token, is_encoder)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def read_chat_template(path: str) -> str:
+    source = Path(path)
+    if source.is_file():
+        return source.read_text(encoding="utf-8")
+    if source.is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            template = AutoTokenizer.from_pretrained(str(source)).chat_template
+        except Exception as error:
+            raise ModelError(f"model.chat_template_path: {path} is a folder but not a tokenizer ({error})") from None
+        if not template:
+            raise ModelError(f"model.chat_template_path: the tokenizer in {path} has no chat template")
+        return template
+    raise ModelError(f"model.chat_template_path: {path} is neither a Jinja file nor a tokenizer folder")
+
+
+def choose_pad_token(tokenizer, requested: str | None, is_encoder: bool) -> str:
+    """A pad token that never stands for a real token of a decoder's input.
+
+    transformers' decoder heads read the reward at the rightmost token that is not `pad_token_id`; with
+    pad == eos (SmolLM2, Llama) the appended EOS would be skipped once the folder is reloaded. rmtrain
+    itself reads the last real token from the attention mask, but the saved folder must agree with it.
+    """
+    vocab = tokenizer.get_vocab()
+    if requested is not None:
+        if requested not in vocab:
+            raise ModelError(f"model.pad_token: {requested!r} is not in the tokenizer's vocabulary")
+        if not is_encoder and requested in (tokenizer.eos_token, tokenizer.bos_token):
+            raise ModelError(
+                f"model.pad_token: {requested!r} is also the EOS/BOS token; pick a token the data never uses "
+                "so that plain transformers reads the reward at the same token as rmtrain"
+            )
+        return requested
+    current = tokenizer.pad_token
+    if is_encoder:
+        if current is None:
+            raise ModelError("model.pad_token: the tokenizer has no pad token; set one from its vocabulary")
+        return current
+    taken = {tokenizer.eos_token, tokenizer.bos_token}
+    if current is not None and current not in taken:
+        return current
+    template = tokenizer.chat_template or ""
+    preferred = ["<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<unk>"]
+    specials = [t for t in preferred if t in vocab] + sorted(
+        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if str(t) not in preferred
+    )
+    for token in specials:
+        if token not in taken and token not in template:
+            return token
+    raise ModelError(
+        "model.pad_token: the tokenizer's pad token is its EOS/BOS token and no spare special token was found; "
+        "set model.pad_token to a token your data never uses"
+    )
+
+
+def clear_gguf_quantization(model: nn.Module) -> None:
+    """GGUF checkpoints are dequantized to float on load, yet transformers still flags the model as
+    quantized, which blocks training and `save_pretrained`. The weights are plain floats: drop the flags."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def find_head_name(model: nn.Module, is_encoder: bool) -> str:
+    for name in (("classifier", "score") if is_encoder else ("score", "classifier")):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ModelError(f"{type(model).__name__}: no reward head named 'score' or 'classifier' found")
+
+
+def load_reward_model(
+    mc: ModelConfig,
+    lora: LoraConfig | None = None,
+    gradient_checkpointing: bool = False,
+) -> RewardModel:
+    """Base model with a one-logit head (+ LoRA), its tokenizer, and the text format it is trained on."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = _from_pretrained_kwargs(mc)
+    config_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "gguf_file")}
+    try:
+        config = AutoConfig.from_pretrained(mc.name_or_path, **config_kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.name_or_path: cannot load {mc.name_or_path!r}: {_first_line(error)}") from None
+    is_encoder = is_encoder_config(config)
+    tokenizer = load_tokenizer(mc, is_encoder)
+
+    model = AutoModelForSequenceClassification.from_pretrained(mc.name_or_path, num_labels=1, **kwargs)
+    clear_gguf_quantization(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if mc.eos_token:
+        model.config.eos_token_id = tokenizer.eos_token_id
+    if mc.disable_dropout:
+        disable_dropout(model)
+    head_name = find_head_name(model, is_encoder)
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        model = apply_lora(model, lora, head_name, gradient_checkpointing)
+        if mc.disable_dropout:
+            disable_dropout(model)
+
+    fmt = TokenFormat(
+        append_eos=None if is_encoder or tokenizer.eos_token is None else tokenizer.eos_token,
+        pad_token_id=tokenizer.pad_token_id,
+        is_encoder=is_encoder,
+    )
+    return RewardModel(model, tokenizer, fmt, head_module(model, head_name), head_name)
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, head_name: str, gradient_checkpointing: bool) -> nn.Module:
+    import peft
+
+    if lora.init_from:
+        model = peft.PeftModel.from_pretrained(model, lora.init_from, is_trainable=True)
+    else:
+        modules_to_save = lora.modules_to_save if lora.modules_to_save is not None else [head_name]
+        names = {name.split(".")[-1] for name, _ in model.named_modules()}
+        for key, wanted in (("modules_to_save", modules_to_save), ("target_modules", lora.target_modules)):
+            if wanted == "all-linear":
+                continue
+            missing = [w for w in ([wanted] if isinstance(wanted, str) else wanted) if w not in names]
+            if missing:
+                raise ModelError(
+                    f"lora.{key}: {', '.join(missing)} names no module of {type(model).__name__} "
+                    f"(some module names: {', '.join(sorted(names)[:12])})"
+                )
+        config = peft.LoraConfig(
+            task_type=peft.TaskType.SEQ_CLS,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            modules_to_save=modules_to_save,
+        )
+        model = peft.get_peft_model(model, config)
+    if gradient_checkpointing:
+        # With frozen embeddings the checkpointed blocks' inputs need grads or nothing flows back.
+        model.enable_input_require_grads()
+    return model
+
+
+def head_module(model: nn.Module, head_name: str) -> nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, head_name)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading rewards
+
+
+def sequence_rewards(
+    model: nn.Module, head: nn.Module, is_encoder: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """One reward per sequence, shape [batch].
+
+    Encoders: the model's own pooled logit ([CLS]), exactly as transformers computes it.
+    Decoders: the head's per-token score at the last real token found from the attention mask (the
+    model's own pooling searches for the pad id, which breaks when pad == eos). The forward still goes
+    through `model` so DDP/FSDP wrappers see it; a hook captures the head's per-token output.
+    """
+    if is_encoder:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    token_scores = captured[-1][..., 0]  # [batch, seq]
+    last = last_token_index(attention_mask)
+    return token_scores[torch.arange(token_scores.shape[0], device=token_scores.device), last]
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading folders
+
+
+def save_format(directory: str | Path, fmt: TokenFormat, max_length: int) -> None:
+    payload = fmt.to_dict() | {"max_length": max_length}
+    Path(directory, FORMAT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_saved(path: str | Path, dtype: torch.dtype | None = None) -> tuple[RewardModel, int | None]:
+    """A model folder (full or LoRA adapter) written by rmtrain or plain transformers, ready to score.
+
+    Returns the model and the max_length it was trained with (None if unknown).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model folder")
+    saved_format = json.loads((path / FORMAT_FILE).read_text()) if (path / FORMAT_FILE).is_file() else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if (path / "adapter_config.json").is_file():
+        model = _load_adapter(path, dtype)
+        config = model.get_base_model().config
+    elif (path / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    else:
+        raise ModelError(f"{path}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json)")
+    is_encoder = saved_format.get("is_encoder", is_encoder_config(config))
+    if tokenizer.pad_token is None:
+        raise ModelError(f"{path}: the tokenizer has no pad token")
+    fmt = TokenFormat(
+        append_eos=saved_format.get("append_eos", None if is_encoder else tokenizer.eos_token),
+        pad_token_id=tokenizer.pad_token_id,
+        is_encoder=is_encoder,
+    )
+    model.eval()
+    head_name = find_head_name(model.get_base_model() if hasattr(model, "get_base_model") else model, is_encoder)
+    return RewardModel(model, tokenizer, fmt, head_module(model, head_name), head_name), saved_format.get("max_length")
+
+
+def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
+    """Rebuild the base exactly as the run loaded it (recipe.yaml of the run, e.g. a gguf file), then the adapter."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from rmtrain.config import load_recipe
+
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file():
+        mc = load_recipe(recipe_file).model
+        base = AutoModelForSequenceClassification.from_pretrained(
+            mc.name_or_path, num_labels=1, **_from_pretrained_kwargs(mc) | ({"dtype": dtype} if dtype else {})
+        )
+        clear_gguf_quantization(base)
+    else:
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"], num_labels=1, dtype=dtype)
+    from transformers import AutoTokenizer
+
+    base.config.pad_token_id = AutoTokenizer.from_pretrained(str(path)).pad_token_id
+    return peft.PeftModel.from_pretrained(base, str(path))
+
+
+def save_model_folder(
+    model: nn.Module, state_dict: dict | None, tokenizer, fmt: TokenFormat, max_length: int, directory: str | Path
+) -> None:
+    """Write the model (or adapter + head), tokenizer and text format into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    save_format(directory, fmt, max_length)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain transformers model with LoRA weights folded in (the input is left untouched)."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def atomic_replace_dir(tmp: Path, final: Path) -> None:
+    """Move a completely written folder into place; an older folder of that name is removed after."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -1,0 +1,274 @@
+"""`rmtrain fit`: set-up, then the training loop, top to bottom in one function."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmtrain.config import Recipe, dump_recipe
+from rmtrain.data import collate_pairs, load_pairs
+from rmtrain.evaluate import score_pairs
+from rmtrain.log import RunLog, truncate_metrics_file
+from rmtrain.loss import pair_stats, reward_loss
+from rmtrain.model import load_reward_model, merged_copy, save_model_folder, sequence_rewards
+
+RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
+STATE_FILE = "training_state.json"
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used as asked (exists without --resume/--overwrite, not writable, ...)."""
+
+
+def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    t = recipe.train
+    out = Path(t.output_dir)
+    bf16 = t.bf16 if t.bf16 is not None else torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision="bf16" if bf16 else "no",
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    is_main = accelerator.is_main_process
+    log = RunLog(out / "metrics.jsonl", enabled=is_main)
+    log.info(
+        f"rmtrain fit: {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), "
+        f"device {accelerator.device}, precision {'bf16' if bf16 else 'fp32'}, output {out}"
+    )
+    checkpoint = prepare_output_dir(out, resume, overwrite, is_main, log)
+    accelerator.wait_for_everyone()
+
+    # Model, data ------------------------------------------------------------------------------
+    set_seed(t.seed)
+    rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing)
+    train_pairs, eval_pairs, preflight = load_pairs(recipe.data, rm.tokenizer, rm.fmt, t.seed)
+    for stats in preflight:
+        log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
+
+    collate = partial(collate_pairs, pad_token_id=rm.fmt.pad_token_id)
+    train_dl = DataLoader(train_pairs, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate)
+    eval_dl = None
+    if eval_pairs:
+        eval_dl = DataLoader(eval_pairs, batch_size=t.eval_batch_size or t.per_device_batch_size, collate_fn=collate)
+
+    # Optimizer, schedule ----------------------------------------------------------------------
+    trainable = [p for p in rm.model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},  # biases and norms
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=True
+    )
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(rm.model, optimizer, train_dl, eval_dl)
+    steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
+    total_steps = t.max_steps or math.ceil(t.num_epochs * steps_per_epoch)
+    # The schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    accelerator.register_for_checkpointing(scheduler)
+    log.info(
+        f"{len(train_pairs)} training pairs, {accelerator.num_processes} x {t.per_device_batch_size} pairs x "
+        f"{t.gradient_accumulation_steps} accumulation = {accelerator.num_processes * t.per_device_batch_size * t.gradient_accumulation_steps} "
+        f"pairs per step, {steps_per_epoch} steps per epoch, {total_steps} steps"
+    )
+
+    # Resume -----------------------------------------------------------------------------------
+    step, epoch, batches_done = 0, 0, 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        if batches_done >= len(train_dl):
+            epoch, batches_done = epoch + 1, 0
+        if is_main:
+            truncate_metrics_file(out / "metrics.jsonl", step)
+        log.info(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {batches_done})")
+    if is_main:
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+
+    # Loop -------------------------------------------------------------------------------------
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if t.activation_offloading else contextlib.nullcontext()
+    window: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "loss": [], "tokens": []}
+    window_start = time.perf_counter()
+    last_eval: dict[str, float] | None = None
+    model.train()
+    log.start_progress(total_steps, completed=step)
+    try:
+        while step < total_steps:
+            train_dl.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
+            for batch in batches:
+                with accelerator.accumulate(model), offload:
+                    rewards = sequence_rewards(model, rm.head, rm.fmt.is_encoder, batch["input_ids"], batch["attention_mask"])
+                    chosen, rejected = rewards.float().chunk(2)
+                    per_pair = reward_loss(chosen, rejected, batch.get("margin"), t.center_rewards_coefficient)
+                    accelerator.backward(per_pair.mean())
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batches_done += 1
+                for key, value in zip(window, accelerator.gather_for_metrics(
+                    (chosen.detach(), rejected.detach(), per_pair.detach(), batch["attention_mask"].sum(-1))
+                )):
+                    window[key].append(value)
+                if not accelerator.sync_gradients:
+                    continue
+
+                scheduler.step()
+                step += 1
+                log.advance()
+                if step % t.logging_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    chosen_all, rejected_all = torch.cat(window["chosen"]), torch.cat(window["rejected"])
+                    values = pair_stats(chosen_all, rejected_all, torch.cat(window["loss"]))
+                    values |= {
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "pairs_per_s": chosen_all.numel() / elapsed,
+                        "tokens_per_s": torch.cat(window["tokens"]).sum().item() / elapsed,
+                        "epoch": epoch + batches_done / len(train_dl),
+                    }
+                    log.metrics("train", step, values)
+                    window = {k: [] for k in window}
+                    window_start = time.perf_counter()
+                if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 and step != total_steps:
+                    last_eval, _ = score_pairs(accelerator, model, rm, eval_dl, t.center_rewards_coefficient)
+                    log.metrics("eval", step, last_eval)
+                    window_start = time.perf_counter()
+                if t.save_steps and step % t.save_steps == 0 and step != total_steps:
+                    save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit)
+                    window_start = time.perf_counter()
+                if step >= total_steps:
+                    break
+            else:
+                epoch, batches_done = epoch + 1, 0
+    finally:
+        log.stop_progress()
+
+    # Final evaluation and save ----------------------------------------------------------------
+    if eval_dl is not None:
+        last_eval, _ = score_pairs(accelerator, model, rm, eval_dl, t.center_rewards_coefficient)
+        log.metrics("eval", step, last_eval)
+        log.table(f"final eval ({len(eval_pairs)} pairs)", last_eval)
+    save_final(accelerator, model, rm, recipe, out)
+    info = {
+        "complete": True,
+        "num_processes": accelerator.num_processes,
+        "steps": step,
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs) if eval_pairs else 0,
+        "final_eval": last_eval,
+    }
+    if is_main:
+        (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        log.info(f"saved {'adapter' if recipe.lora else 'model'} to {out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return info
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, log: RunLog) -> Path | None:
+    """Refuse to clobber a run; return the checkpoint to resume from (or None)."""
+    is_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"train.output_dir: {out} exists and is not a folder")
+    if is_run and not (resume or overwrite):
+        raise RunDirError(
+            f"train.output_dir: {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if out.is_dir() and not is_run and any(out.iterdir()) and not resume:
+        raise RunDirError(f"train.output_dir: {out} is not empty and holds no rmtrain run; choose another folder")
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        log.info(f"--resume: no complete checkpoint in {out / 'checkpoints'}, starting from scratch")
+    if is_main:
+        if overwrite and is_run:
+            shutil.rmtree(out)
+        elif resume and checkpoint is None:
+            truncate_metrics_file(out / "metrics.jsonl", after_step=0)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise RunDirError(f"train.output_dir: {out} is not writable ({error.strerror})") from None
+    return checkpoint
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """Newest checkpoint whose state file was written (a checkpoint is only renamed into place when complete)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).is_file() and p.name.split("-")[-1].isdigit()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, epoch: int, batches_in_epoch: int, limit: int | None) -> Path:
+    """Model/adapter, optimizer, scheduler, RNG and data position, written under a temporary name and renamed."""
+    root = out / "checkpoints"
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if limit:
+            done = sorted(
+                (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                key=lambda p: int(p.name.split("-")[-1]),
+            )
+            for old in done[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
+    """The final model (or adapter with its head) in `out`, plus `out/merged` when lora.merge is set.
+
+    Files are written to a temporary folder first, then moved into place one by one.
+    """
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model) if recipe.lora is None else None  # every rank: FSDP/ZeRO-3 gather
+    if not accelerator.is_main_process:
+        return
+    max_length = recipe.data.max_length
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp)
+    shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+    if recipe.lora is not None and recipe.lora.merge:
+        merged_tmp = out / ".merged.tmp"
+        shutil.rmtree(merged_tmp, ignore_errors=True)
+        save_model_folder(merged_copy(unwrapped), None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
+        shutil.rmtree(out / "merged", ignore_errors=True)
+        os.replace(merged_tmp, out / "merged")

@@ -1,0 +1,107 @@
+"""Recipe loading: every problem listed at once with its YAML path; overrides; every shipped recipe loads."""
+
+from pathlib import Path
+
+import pytest
+
+from rmtrain.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+model: {name_or_path: some/model}
+data: {train: {path: pairs.jsonl}}
+train: {output_dir: out}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path, text, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text), list(overrides))
+    return info.value.problems
+
+
+def test_minimal_recipe_gets_trl_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.train.learning_rate == 1e-4
+    assert recipe.train.gradient_checkpointing is True
+    assert recipe.train.logging_steps == 10
+    assert recipe.data.max_length == 1024
+    assert recipe.data.truncation == "filter"
+    assert recipe.model.disable_dropout is True
+    assert recipe.lora is None
+
+
+def test_every_problem_listed_at_once_with_paths_and_close_matches(tmp_path):
+    text = MINIMAL + """
+lora: {r: 0, alpah: 16}
+"""
+    text = text.replace("train: {output_dir: out}", "train: {output_dir: out, learning_rate: -1, per_device_batch_size: 0, lerning_rate: 2}")
+    found = problems(tmp_path, text)
+    joined = "\n".join(found)
+    assert "lora.alpah: unknown key (did you mean 'alpha'?)" in joined
+    assert "train.lerning_rate: unknown key (did you mean 'learning_rate'?)" in joined
+    assert "lora.r: must be >= 1, got 0" in joined
+    assert "train.learning_rate: must be > 0, got -1.0" in joined
+    assert "train.per_device_batch_size: must be >= 1, got 0" in joined
+    assert len(found) == 5
+
+
+def test_wrong_types_and_literals(tmp_path):
+    text = MINIMAL.replace("train: {output_dir: out}", "train: {output_dir: out, num_epochs: two, bf16: maybe, lr_scheduler: warp}")
+    found = problems(tmp_path, text + "\ndata: {train: {path: x}, truncation: chop, max_length: 4}\n")
+    joined = "\n".join(found)
+    assert "train.num_epochs: expected float, got str 'two'" in joined
+    assert "train.bf16: expected bool or null" in joined
+    assert "train.lr_scheduler: expected one of" in joined
+    assert "data.truncation: expected one of 'filter' | 'truncate', got str 'chop'" in joined
+    assert "data.max_length: must be at least 8, got 4" in joined
+
+
+def test_missing_required_keys_and_num_labels(tmp_path):
+    found = problems(tmp_path, "model: {init_kwargs: {num_labels: 2}}\n")
+    joined = "\n".join(found)
+    assert "model.name_or_path: required" in joined
+    assert "model.init_kwargs.num_labels: a reward model always has num_labels=1" in joined
+    assert "data.train: required" in joined
+    assert "train.output_dir: required" in joined
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    found = problems(tmp_path, "model:\n  name_or_path: [unclosed\ntrain: {}\n")
+    assert len(found) == 1 and found[0].startswith("YAML syntax error at line ")
+    assert "column" in found[0]
+
+
+def test_overrides_set_nested_keys_and_are_checked(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["train.learning_rate=3e-5", "lora.r=8", "data.train.limit=10"])
+    assert recipe.train.learning_rate == 3e-5
+    assert recipe.lora is not None and recipe.lora.r == 8
+    assert recipe.data.train.limit == 10
+    found = problems(tmp_path, MINIMAL, ["train.learning_rat=1", "nonsense"])
+    assert any("train.learning_rat: unknown key (did you mean 'learning_rate'?)" in p for p in found) or any(
+        "nonsense" in p for p in found
+    )
+
+
+def test_override_without_equals_is_an_error(tmp_path):
+    found = problems(tmp_path, MINIMAL, ["train.learning_rate"])
+    assert found == ["override 'train.learning_rate': expected key.sub=value"]
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "nope.yaml")
+    assert info.value.problems == ["no such file"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.model.name_or_path and recipe.train.output_dir
