@@ -1,0 +1,166 @@
+"""Rows -> tokenized pairs: every data shape, EOS handling, truncation, filtering, bad rows."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from rmtrain.config import ModelConfig
+from rmtrain.data import DataError, TokenFormat, read_rows, tokenize_pairs, truncate_left
+from rmtrain.config import DataSource
+from rmtrain.model import load_tokenizer
+from tests.conftest import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(tiny_qwen3):
+    return load_tokenizer(ModelConfig(name_or_path=tiny_qwen3), is_encoder=False)
+
+
+@pytest.fixture(scope="module")
+def qwen_fmt(qwen_tok):
+    return TokenFormat(append_eos=qwen_tok.eos_token, pad_token_id=qwen_tok.pad_token_id, is_encoder=False)
+
+
+@pytest.fixture(scope="module")
+def bert_tok(minilm):
+    return load_tokenizer(ModelConfig(name_or_path=minilm), is_encoder=True)
+
+
+def test_standard_implicit_prompt_gets_eos_on_decoders(qwen_tok, qwen_fmt):
+    rows = [{"chosen": "Q: hi A: hello", "rejected": "Q: hi A: go away"}]
+    pairs, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    ids = pairs[0]["chosen_ids"]
+    assert ids == qwen_tok("Q: hi A: hello" + "<|im_end|>")["input_ids"]
+    assert ids[-1] == qwen_tok.eos_token_id
+    assert stats.read == stats.kept == 1
+
+
+def test_eos_not_appended_twice(qwen_tok, qwen_fmt):
+    rows = [{"chosen": "yes<|im_end|>", "rejected": "no"}]
+    pairs, _ = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    assert pairs[0]["chosen_ids"].count(qwen_tok.eos_token_id) == 1
+    assert pairs[0]["rejected_ids"][-1] == qwen_tok.eos_token_id
+
+
+def test_standard_explicit_prompt_is_prompt_plus_completion(qwen_tok, qwen_fmt):
+    rows = [{"prompt": "Q: 2+2? ", "chosen": "4", "rejected": "5", "margin": 1.5}]
+    pairs, _ = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    assert pairs[0]["chosen_ids"] == qwen_tok("Q: 2+2? 4<|im_end|>")["input_ids"]
+    assert pairs[0]["margin"] == 1.5
+
+
+def test_encoders_get_their_special_tokens_and_no_eos(bert_tok):
+    fmt = TokenFormat(append_eos=None, pad_token_id=bert_tok.pad_token_id, is_encoder=True)
+    pairs, _ = tokenize_pairs([{"chosen": "good answer", "rejected": "bad answer"}], "t", bert_tok, fmt, 64, "filter")
+    ids = pairs[0]["chosen_ids"]
+    assert ids[0] == bert_tok.cls_token_id and ids[-1] == bert_tok.sep_token_id
+    assert ids == bert_tok("good answer")["input_ids"]
+
+
+def test_conversational_implicit_and_explicit_prompt_render_the_same(qwen_tok, qwen_fmt):
+    user = {"role": "user", "content": "Name a colour."}
+    good, bad = {"role": "assistant", "content": "Blue."}, {"role": "assistant", "content": "No."}
+    implicit = [{"chosen": [user, good], "rejected": [user, bad]}]
+    explicit = [{"prompt": [user], "chosen": [good], "rejected": [bad]}]
+    a, _ = tokenize_pairs(implicit, "t", qwen_tok, qwen_fmt, 64, "filter")
+    b, _ = tokenize_pairs(explicit, "t", qwen_tok, qwen_fmt, 64, "filter")
+    assert a[0]["chosen_ids"] == b[0]["chosen_ids"]
+    want = qwen_tok.apply_chat_template([user, good], tokenize=True, return_dict=True)["input_ids"]
+    assert a[0]["chosen_ids"] == want
+    text = qwen_tok.decode(a[0]["chosen_ids"])
+    assert text.endswith("<|im_start|>assistant\nBlue.<|im_end|>\n")
+
+
+def test_truncate_left_keeps_frame_tokens_and_the_end():
+    ids = [101, 1, 2, 3, 4, 5, 6, 102]
+    assert truncate_left(ids, 5, head=1, tail=1) == [101, 4, 5, 6, 102]
+    assert truncate_left(ids, 8, head=1, tail=1) == ids
+    assert truncate_left([1, 2, 3, 4, 5], 3, 0, 0) == [3, 4, 5]
+
+
+def test_filter_drops_long_pairs_and_truncate_keeps_them(qwen_tok, qwen_fmt, bert_tok):
+    long = "word " * 50
+    rows = [{"chosen": long + "yes", "rejected": "no"}, {"chosen": "a", "rejected": "b"}]
+    kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 16, "filter")
+    assert len(kept) == 1 and stats.too_long == 1
+    assert "1 dropped (longer than 16 tokens)" in stats.line("filter", 16)
+    kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 16, "truncate")
+    assert len(kept) == 2 and stats.truncated == 1
+    chosen = kept[0]["chosen_ids"]
+    assert len(chosen) == 16 and chosen[-1] == qwen_tok.eos_token_id
+    assert qwen_tok.decode(chosen).endswith("word yes<|im_end|>")
+    fmt = TokenFormat(append_eos=None, pad_token_id=bert_tok.pad_token_id, is_encoder=True)
+    kept, _ = tokenize_pairs(rows, "t", bert_tok, fmt, 16, "truncate")
+    assert kept[0]["chosen_ids"][0] == bert_tok.cls_token_id and kept[0]["chosen_ids"][-1] == bert_tok.sep_token_id
+
+
+def test_identical_pairs_are_dropped_and_counted(qwen_tok, qwen_fmt):
+    rows = [{"chosen": "same", "rejected": "same"}, {"chosen": "a", "rejected": "b"}]
+    kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    assert len(kept) == 1 and stats.identical == 1
+    assert "1 dropped (chosen == rejected)" in stats.line("filter", 64)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"chosen": "a"}, "row 1: missing 'rejected'"),
+        ({"chosen": "a", "rejected": ""}, "row 1: empty rejected text"),
+        ({"chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "row 1: mixes plain strings and message lists"),
+        ({"chosen": [{"content": "x"}], "rejected": [{"role": "assistant", "content": "b"}]}, "message 0 must be an object with 'role' and 'content'"),
+        ({"chosen": [{"role": "robot", "content": "x"}], "rejected": [{"role": "assistant", "content": "b"}]}, "unknown role 'robot'"),
+        ({"chosen": "a", "rejected": "b", "margin": "big"}, "row 1: 'margin' must be a finite number, got 'big'"),
+        ({"chosen": "a<|endoftext|>", "rejected": "b"}, "row 1: contains the pad token '<|endoftext|>'"),
+    ],
+)
+def test_bad_rows_are_named(qwen_tok, qwen_fmt, row, message):
+    with pytest.raises(DataError) as info:
+        tokenize_pairs([row], "pairs.jsonl", qwen_tok, qwen_fmt, 64, "filter")
+    assert message in str(info.value)
+    assert str(info.value).startswith("pairs.jsonl: row 1")
+
+
+def test_read_rows_reports_bad_json_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": oops}\n')
+    with pytest.raises(DataError, match=r"p.jsonl: line 2: invalid JSON"):
+        read_rows(DataSource(path=str(path)))
+
+
+def test_read_rows_columns_where_skip_limit(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"q": "{i}", "good": "g", "bad": "b", "split": "{"e" if i % 2 else "t"}", "margin": 1}}\n' for i in range(10)))
+    rows, _ = read_rows(DataSource(path=str(path), columns={"q": "prompt", "good": "chosen", "bad": "rejected", "margin": None}, where={"split": "t"}, skip=1, limit=2))
+    assert [r["prompt"] for r in rows] == ["2", "4"]
+    assert "margin" not in rows[0] and rows[0]["chosen"] == "g"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(
+    "file, explicit, conversational",
+    [
+        ("hh_harmless_test.jsonl", False, False),
+        ("ultrafeedback_binarized_sample.jsonl", True, False),
+        ("llamafactory_dpo_en_demo.jsonl", True, True),
+    ],
+)
+def test_real_files_of_every_shape(shared_data, qwen_tok, qwen_fmt, file, explicit, conversational):
+    rows = read_jsonl(shared_data / file, limit=40)
+    assert ("prompt" in rows[0]) == explicit and isinstance(rows[0]["chosen"], list) == conversational
+    pairs, stats = tokenize_pairs(rows, file, qwen_tok, qwen_fmt, 4096, "filter")
+    assert stats.read == 40 and len(pairs) + stats.identical == 40
+    for pair in pairs:
+        # Standard text ends with the appended EOS; ChatML renders "<|im_end|>\n" after the last turn.
+        end = pair["chosen_ids"][-2] if conversational else pair["chosen_ids"][-1]
+        assert end == qwen_tok.eos_token_id
+        assert qwen_fmt.pad_token_id not in pair["chosen_ids"]
+    if file.startswith("ultrafeedback"):
+        assert all("margin" in p for p in pairs)
+
+
+@pytest.mark.shared_data
+def test_conversational_implicit_from_real_rows(shared_data, qwen_tok, qwen_fmt):
+    rows = read_jsonl(shared_data / "llamafactory_dpo_en_demo.jsonl", limit=10)
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    a, _ = tokenize_pairs(rows, "x", qwen_tok, qwen_fmt, 4096, "filter")
+    b, _ = tokenize_pairs(implicit, "x", qwen_tok, qwen_fmt, 4096, "filter")
+    assert [p["chosen_ids"] for p in a] == [p["chosen_ids"] for p in b]

@@ -1,0 +1,87 @@
+"""Reward read-out: last real token from the attention mask (left/right padding, pad == eos); encoders
+keep their own pooling; pad token choice keeps saved folders right under plain transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rmtrain.config import LoraConfig, ModelConfig
+from rmtrain.model import ModelError, choose_pad_token, load_reward_model, sequence_rewards
+
+
+def pad(seqs, pad_id, side):
+    width = max(len(s) for s in seqs)
+    ids, mask = [], []
+    for s in seqs:
+        fill = [pad_id] * (width - len(s))
+        ids.append(s + fill if side == "right" else fill + s)
+        mask.append([1] * len(s) + [0] * len(fill) if side == "right" else [0] * len(fill) + [1] * len(s))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.fixture(scope="module")
+def qwen_rm(tiny_qwen3):
+    return load_reward_model(ModelConfig(name_or_path=tiny_qwen3))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_decoder_reward_is_last_real_token_with_any_padding(qwen_rm, side):
+    tok = qwen_rm.tokenizer
+    seqs = [tok(t + tok.eos_token)["input_ids"] for t in ("short", "a somewhat longer text here", "mid length")]
+    alone = torch.stack([
+        sequence_rewards(qwen_rm.model, qwen_rm.head, False, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+        for s in seqs
+    ])
+    # pad == eos on purpose: the read-out must not search for the pad id.
+    ids, mask = pad(seqs, tok.eos_token_id, side)
+    with torch.no_grad():
+        batched = sequence_rewards(qwen_rm.model, qwen_rm.head, False, ids, mask)
+    assert torch.allclose(batched, alone.detach(), atol=1e-5)
+
+
+def test_transformers_own_pooling_agrees_when_pad_is_distinct(qwen_rm):
+    tok = qwen_rm.tokenizer
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    enc = tok(["one<|im_end|>", "two three four<|im_end|>"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = sequence_rewards(qwen_rm.model, qwen_rm.head, False, enc.input_ids, enc.attention_mask)
+        theirs = qwen_rm.model(**enc).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_encoder_keeps_cls_pooling(minilm):
+    rm = load_reward_model(ModelConfig(name_or_path=minilm))
+    assert rm.fmt.is_encoder and rm.fmt.append_eos is None and rm.head_name == "classifier"
+    enc = rm.tokenizer(["good", "a much longer answer"], padding=True, return_tensors="pt")
+    plain = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=1)
+    plain.load_state_dict(rm.model.state_dict())
+    plain.eval()
+    rm.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(sequence_rewards(rm.model, rm.head, True, enc.input_ids, enc.attention_mask), plain(**enc).logits[:, 0], atol=1e-6)
+
+
+def test_pad_equal_to_eos_is_replaced_by_a_spare_special_token(smollm2):
+    path, gguf = smollm2
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert choose_pad_token(tok, None, is_encoder=False) == "<|endoftext|>"
+    with pytest.raises(ModelError, match="model.pad_token: '<|im_end|>' is also the EOS/BOS token"):
+        choose_pad_token(tok, "<|im_end|>", is_encoder=False)
+    with pytest.raises(ModelError, match="not in the tokenizer's vocabulary"):
+        choose_pad_token(tok, "<nope>", is_encoder=False)
+
+
+def test_lora_targets_that_name_nothing_are_reported(tiny_qwen3):
+    with pytest.raises(ModelError, match="lora.target_modules: q_prj names no module"):
+        load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(target_modules=["q_prj"]))
+    with pytest.raises(ModelError, match="lora.modules_to_save: head names no module"):
+        load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(modules_to_save=["head"]))
+
+
+def test_lora_trains_adapters_and_the_score_head(tiny_qwen3):
+    rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(r=4, alpha=8), gradient_checkpointing=True)
+    trainable = [n for n, p in rm.model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable)
+    assert any(n.endswith("score.modules_to_save.default.weight") for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
