@@ -10,14 +10,13 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate reward models for RLHF.")
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from rmtrain.config import RecipeError
-    from rmtrain.data import DataError
-    from rmtrain.model import ModelError
-    from rmtrain.train import RunDirError
+# Bad input: reported as "where: what" lines with exit status 2 (no traceback unless --debug).
+USER_ERRORS = [("rmtrain.config", "RecipeError"), ("rmtrain.data", "DataError"), ("rmtrain.model", "ModelError"), ("rmtrain.train", "RunDirError")]
 
-    # Bad input: reported as "where: what" lines with exit status 2 (no traceback unless --debug).
-    return (RecipeError, DataError, ModelError, RunDirError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Only modules already imported can have raised: importing the others would load torch for nothing.
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
 
 
 def _quiet_libraries() -> None:

@@ -111,6 +111,14 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     activation_offloading: bool = False
     center_rewards_coefficient: float | None = None
+    batching: Literal["plain", "length_grouped"] = "length_grouped"
+    """length_grouped: batches of similar length (shuffled mega-batches), so little padding is computed."""
+    max_tokens_per_batch: int | None = None
+    """Instead of a fixed pair count: as many pairs per micro-batch as fit this many tokens (padded)."""
+    padding_free: bool = False
+    """Decoders: all sequences of a batch in one row, position ids restarting (varlen attention on CUDA)."""
+    share_prefix: bool = True
+    """Decoders: one sequence prompt + chosen + rejected per pair, the prompt computed once."""
     logging_steps: int = 10
     eval_steps: int | None = None
     """Evaluate every N optimizer steps (and always at the end when there is an eval set)."""
@@ -290,6 +298,10 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     check(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
     check(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
+    check(
+        t.max_tokens_per_batch is None or t.max_tokens_per_batch >= 16,
+        f"train.max_tokens_per_batch: must be >= 16, got {t.max_tokens_per_batch}",
+    )
     check(t.logging_steps >= 1, f"train.logging_steps: must be >= 1, got {t.logging_steps}")
     check(t.eval_steps is None or t.eval_steps >= 1, f"train.eval_steps: must be >= 1, got {t.eval_steps}")
     check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rmtrain.config import DataConfig, DataSource
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -398,26 +396,3 @@ def _nothing_left(stats: Preflight, data: DataConfig, split: str) -> str:
             "raise data.max_length or set data.truncation: truncate"
         )
     return f"{stats.name}: no {split} pairs left ({stats.read} read, {stats.identical} identical, {stats.too_long} too long)"
-
-
-# --------------------------------------------------------------------------------------------------
-# Batches
-
-
-def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Chosen then rejected sequences in one right-padded batch, for a single forward pass."""
-    sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[i, : len(seq)] = 1
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "row": torch.tensor([p["row"] for p in pairs], dtype=torch.long),
-    }
-    if "margin" in pairs[0]:
-        batch["margin"] = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)
-    return batch

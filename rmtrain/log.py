@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,53 @@ class RunLog:
         for key in [k for k in METRIC_ORDER if k in values] + [k for k in values if k not in METRIC_ORDER]:
             table.add_row(key, _fmt(values[key]))
         self.console.print(table)
+
+
+class Throughput:
+    """Training-only time and token counts (evaluation and checkpointing are paused out)."""
+
+    def __init__(self) -> None:
+        self.window = {"seconds": 0.0, "pairs": 0, "real_tokens": 0, "computed_tokens": 0}
+        self.total = dict(self.window)
+        self._since: float | None = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.window["seconds"] += time.perf_counter() - self._since
+            self._since = None
+
+    def add(self, pairs: int, real_tokens: int, computed_tokens: int) -> None:
+        self.window["pairs"] += pairs
+        self.window["real_tokens"] += real_tokens
+        self.window["computed_tokens"] += computed_tokens
+
+    def take_window(self) -> dict[str, float]:
+        """Rates since the last call (the clock keeps running), folded into the run totals."""
+        running = self._since is not None
+        self.pause()
+        w = self.window
+        for key in w:
+            self.total[key] += w[key]
+        rates = _rates(w)
+        self.window = {k: 0 if k != "seconds" else 0.0 for k in w}
+        if running:
+            self.resume()
+        return rates
+
+    def totals(self) -> dict[str, float]:
+        return {**self.total, **_rates(self.total)}
+
+
+def _rates(counts: dict[str, float]) -> dict[str, float]:
+    seconds = max(counts["seconds"], 1e-9)
+    return {
+        "pairs_per_s": counts["pairs"] / seconds,
+        "tokens_per_s": counts["real_tokens"] / seconds,
+        "computed_tokens_per_real": counts["computed_tokens"] / max(counts["real_tokens"], 1),
+    }
 
 
 def truncate_metrics_file(path: Path, after_step: int) -> None:

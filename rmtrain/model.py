@@ -159,6 +159,9 @@ def load_reward_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = _from_pretrained_kwargs(mc)
+    looks_local = mc.name_or_path.startswith((".", "/", "~")) or mc.name_or_path.count("/") > 1
+    if looks_local and not Path(mc.name_or_path).expanduser().is_dir():
+        raise ModelError(f"model.name_or_path: {mc.name_or_path}: no such folder")
     config_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "gguf_file")}
     try:
         config = AutoConfig.from_pretrained(mc.name_or_path, **config_kwargs)
@@ -242,26 +245,51 @@ def _first_line(error: BaseException) -> str:
 
 
 def sequence_rewards(
-    model: nn.Module, head: nn.Module, is_encoder: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    head: nn.Module,
+    is_encoder: bool,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    reward_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One reward per sequence, shape [batch].
+    """One reward per sequence.
 
     Encoders: the model's own pooled logit ([CLS]), exactly as transformers computes it.
-    Decoders: the head's per-token score at the last real token found from the attention mask (the
-    model's own pooling searches for the pad id, which breaks when pad == eos). The forward still goes
-    through `model` so DDP/FSDP wrappers see it; a hook captures the head's per-token output.
+    Decoders: the head's per-token score at each sequence's reward token: `reward_index` into the
+    flattened [rows * width] scores (see rmtrain.batching), or else the last real token of each row
+    found from the 2D attention mask. Never found by searching for the pad id (pad == eos breaks that).
+    The forward still goes through `model` so DDP/FSDP wrappers see it; a hook captures the head's
+    per-token output.
     """
     if is_encoder:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         handle.remove()
-    token_scores = captured[-1][..., 0]  # [batch, seq]
-    last = last_token_index(attention_mask)
-    return token_scores[torch.arange(token_scores.shape[0], device=token_scores.device), last]
+    token_scores = captured[-1][..., 0]  # [rows, width]
+    if reward_index is None:
+        last = last_token_index(attention_mask)
+        return token_scores[torch.arange(token_scores.shape[0], device=token_scores.device), last]
+    return token_scores.reshape(-1)[reward_index]
+
+
+def batch_rewards(model: nn.Module, rm: "RewardModel", batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards in float32 for a batch built by rmtrain.batching."""
+    rewards = sequence_rewards(
+        model,
+        rm.head,
+        rm.fmt.is_encoder,
+        batch["input_ids"],
+        batch.get("attention_mask"),
+        batch.get("position_ids"),
+        batch.get("reward_index"),
+    )
+    chosen, rejected = rewards.float().chunk(2)
+    return chosen, rejected
 
 
 # --------------------------------------------------------------------------------------------------

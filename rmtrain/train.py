@@ -7,19 +7,18 @@ import json
 import math
 import os
 import shutil
-import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rmtrain.config import Recipe, dump_recipe
-from rmtrain.data import collate_pairs, load_pairs
-from rmtrain.evaluate import score_pairs
-from rmtrain.log import RunLog, truncate_metrics_file
+from rmtrain.batching import choose_layout, make_dataloader
+from rmtrain.data import load_pairs
+from rmtrain.evaluate import first_occurrences, gather_pairs, score_pairs
+from rmtrain.log import RunLog, Throughput, truncate_metrics_file
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import load_reward_model, merged_copy, save_model_folder, sequence_rewards
+from rmtrain.model import batch_rewards, load_reward_model, merged_copy, save_model_folder
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -32,7 +31,6 @@ class RunDirError(ValueError):
 def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
-    from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
     t = recipe.train
@@ -49,8 +47,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         f"rmtrain fit: {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), "
         f"device {accelerator.device}, precision {'bf16' if bf16 else 'fp32'}, output {out}"
     )
-    checkpoint = prepare_output_dir(out, resume, overwrite, is_main, log)
-    accelerator.wait_for_everyone()
+    checkpoint = check_output_dir(out, resume, overwrite, log)
 
     # Model, data ------------------------------------------------------------------------------
     set_seed(t.seed)
@@ -58,12 +55,25 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     train_pairs, eval_pairs, preflight = load_pairs(recipe.data, rm.tokenizer, rm.fmt, t.seed)
     for stats in preflight:
         log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
+    if is_main:
+        claim_output_dir(out, overwrite, resuming=checkpoint is not None)
+    accelerator.wait_for_everyone()
 
-    collate = partial(collate_pairs, pad_token_id=rm.fmt.pad_token_id)
-    train_dl = DataLoader(train_pairs, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate)
+    layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free)
+    if note:
+        log.info(note)
+    train_dl, length_sampler = make_dataloader(
+        train_pairs, layout, rm.fmt.pad_token_id, mask_format, t.per_device_batch_size, t.seed,
+        shuffle=True, length_grouped=t.batching == "length_grouped", max_tokens=t.max_tokens_per_batch,
+    )
     eval_dl = None
     if eval_pairs:
-        eval_dl = DataLoader(eval_pairs, batch_size=t.eval_batch_size or t.per_device_batch_size, collate_fn=collate)
+        # Longest first: similar lengths share a batch, and memory peaks at once, not late.
+        eval_dl, _ = make_dataloader(
+            eval_pairs, layout, rm.fmt.pad_token_id, mask_format, t.eval_batch_size or t.per_device_batch_size, t.seed,
+            shuffle=False, length_grouped=True,
+        )
+    log.info(f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else ""))
 
     # Optimizer, schedule ----------------------------------------------------------------------
     trainable = [p for p in rm.model.parameters() if p.requires_grad]
@@ -104,19 +114,24 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     # Loop -------------------------------------------------------------------------------------
     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if t.activation_offloading else contextlib.nullcontext()
-    window: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "loss": [], "tokens": []}
-    window_start = time.perf_counter()
+    window: dict[str, list[torch.Tensor]] = {"row": [], "chosen": [], "rejected": [], "loss": []}
+    seen_rows: set[int] = set()  # pairs counted this epoch: repeats that even out DDP batches are not
+    speed = Throughput()
+    real_tokens = computed_tokens = 0  # this process's, summed across processes when logged
     last_eval: dict[str, float] | None = None
     model.train()
     log.start_progress(total_steps, completed=step)
+    speed.resume()
     try:
         while step < total_steps:
             train_dl.set_epoch(epoch)
+            if length_sampler is not None:
+                length_sampler.set_epoch(epoch)
+            seen_rows = set() if batches_done == 0 else seen_rows
             batches = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
             for batch in batches:
                 with accelerator.accumulate(model), offload:
-                    rewards = sequence_rewards(model, rm.head, rm.fmt.is_encoder, batch["input_ids"], batch["attention_mask"])
-                    chosen, rejected = rewards.float().chunk(2)
+                    chosen, rejected = batch_rewards(model, rm, batch)
                     per_pair = reward_loss(chosen, rejected, batch.get("margin"), t.center_rewards_coefficient)
                     accelerator.backward(per_pair.mean())
                     if accelerator.sync_gradients and t.max_grad_norm:
@@ -124,9 +139,9 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 batches_done += 1
-                for key, value in zip(window, accelerator.gather_for_metrics(
-                    (chosen.detach(), rejected.detach(), per_pair.detach(), batch["attention_mask"].sum(-1))
-                )):
+                real_tokens += int(batch["real_tokens"])
+                computed_tokens += batch["input_ids"].numel()
+                for key, value in zip(window, gather_pairs(accelerator, chosen.detach(), rejected.detach(), per_pair.detach(), row=batch["row"])):
                     window[key].append(value)
                 if not accelerator.sync_gradients:
                     continue
@@ -135,25 +150,25 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                 step += 1
                 log.advance()
                 if step % t.logging_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    chosen_all, rejected_all = torch.cat(window["chosen"]), torch.cat(window["rejected"])
-                    values = pair_stats(chosen_all, rejected_all, torch.cat(window["loss"]))
-                    values |= {
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "pairs_per_s": chosen_all.numel() / elapsed,
-                        "tokens_per_s": torch.cat(window["tokens"]).sum().item() / elapsed,
-                        "epoch": epoch + batches_done / len(train_dl),
-                    }
+                    counts = accelerator.reduce(torch.tensor([real_tokens, computed_tokens], device=accelerator.device), "sum")
+                    pairs = {k: torch.cat(v) for k, v in window.items()}
+                    first = first_occurrences(pairs["row"], seen_rows).to(pairs["chosen"].device)
+                    speed.add(int(first.sum()), int(counts[0]), int(counts[1]))
+                    values = pair_stats(pairs["chosen"][first], pairs["rejected"][first], pairs["loss"][first])
+                    values |= {"learning_rate": scheduler.get_last_lr()[0], **speed.take_window()}
+                    values["epoch"] = epoch + batches_done / len(train_dl)
                     log.metrics("train", step, values)
                     window = {k: [] for k in window}
-                    window_start = time.perf_counter()
+                    real_tokens = computed_tokens = 0
                 if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 and step != total_steps:
+                    speed.pause()
                     last_eval, _ = score_pairs(accelerator, model, rm, eval_dl, t.center_rewards_coefficient)
                     log.metrics("eval", step, last_eval)
-                    window_start = time.perf_counter()
+                    speed.resume()
                 if t.save_steps and step % t.save_steps == 0 and step != total_steps:
+                    speed.pause()
                     save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit)
-                    window_start = time.perf_counter()
+                    speed.resume()
                 if step >= total_steps:
                     break
             else:
@@ -174,6 +189,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs) if eval_pairs else 0,
         "final_eval": last_eval,
+        "train": speed.totals(),
     }
     if is_main:
         (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -183,8 +199,8 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     return info
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, log: RunLog) -> Path | None:
-    """Refuse to clobber a run; return the checkpoint to resume from (or None)."""
+def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> Path | None:
+    """Refuse to clobber anything; return the checkpoint to resume from (or None). Changes nothing on disk."""
     is_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"train.output_dir: {out} exists and is not a folder")
@@ -192,24 +208,30 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, 
         raise RunDirError(
             f"train.output_dir: {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
-    if out.is_dir() and not is_run and any(out.iterdir()) and not resume:
+    if out.is_dir() and not is_run and any(out.iterdir()):
         raise RunDirError(f"train.output_dir: {out} is not empty and holds no rmtrain run; choose another folder")
+    existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"train.output_dir: {out} is not writable (no write permission on {existing})")
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         log.info(f"--resume: no complete checkpoint in {out / 'checkpoints'}, starting from scratch")
-    if is_main:
-        if overwrite and is_run:
-            shutil.rmtree(out)
-        elif resume and checkpoint is None:
-            truncate_metrics_file(out / "metrics.jsonl", after_step=0)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise RunDirError(f"train.output_dir: {out} is not writable ({error.strerror})") from None
     return checkpoint
+
+
+def claim_output_dir(out: Path, overwrite: bool, resuming: bool) -> None:
+    """Main process, once model and data have loaded: only now is an old run replaced (--overwrite)."""
+    if overwrite and not resuming and out.is_dir():
+        shutil.rmtree(out)
+    elif not resuming:
+        truncate_metrics_file(out / "metrics.jsonl", after_step=0)  # --resume without a checkpoint
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"train.output_dir: {out} is not writable ({error.strerror})") from None
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -105,3 +105,15 @@ def test_missing_recipe_file(tmp_path):
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.model.name_or_path and recipe.train.output_dir
+
+
+def test_readme_documents_every_recipe_key():
+    """The README's key tables cannot drift from the dataclasses."""
+    import dataclasses
+
+    from rmtrain.config import DataConfig, DataSource, LoraConfig, ModelConfig, TrainConfig
+
+    readme = (ROOT / "README.md").read_text()
+    for cls in (ModelConfig, DataConfig, DataSource, LoraConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in readme, f"README does not document {cls.__name__}.{f.name}"

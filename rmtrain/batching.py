@@ -1,0 +1,256 @@
+"""Batches that compute only the tokens that matter.
+
+Three layouts of a batch of preference pairs, all read the same way: the model returns one score per
+token (decoders) and `reward_index` picks, in the flattened [rows * width] scores, the reward token of
+every chosen sequence and then of every rejected one.
+
+- plain: chosen and rejected as 2B right-padded rows (what TRL does).
+- packed (padding-free): every sequence of the batch in one row; position ids restart per sequence,
+  which transformers turns into a block-diagonal causal mask (varlen kernels with flash attention).
+- shared prefix (decoders): one row per pair, `prompt + chosen + rejected`, where the rejected tokens
+  continue the prompt's positions and cannot see the chosen tokens (a 4D attention mask). The prompt
+  is the longest common token prefix of the two sides: those tokens, at those positions, have the same
+  hidden states in both sequences under causal attention, so rewards and gradients are the same as the
+  plain two-sequence forward.
+
+Plus a length-grouped batch sampler (shuffled mega-batches, each sorted by length) with an optional
+token budget per batch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import torch
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b)) - 1  # each side keeps at least its own reward token
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def pair_cost(pair: dict[str, Any], layout: str) -> int:
+    """Tokens a pair puts into a batch under `layout` (used for length grouping and token budgets)."""
+    c, r = len(pair["chosen_ids"]), len(pair["rejected_ids"])
+    if layout == "shared_prefix":
+        return c + r - _common_prefix(pair["chosen_ids"], pair["rejected_ids"])
+    return c + r
+
+
+def _extras(pairs: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch["row"] = torch.tensor([p["row"] for p in pairs], dtype=torch.long)
+    if "margin" in pairs[0]:
+        batch["margin"] = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def collate_plain(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen then rejected sequences in one right-padded batch, for a single forward pass."""
+    sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+    reward_index = torch.tensor([i * width + len(s) - 1 for i, s in enumerate(sequences)], dtype=torch.long)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "reward_index": reward_index,
+        "real_tokens": torch.tensor(sum(len(s) for s in sequences)),
+    }
+    return _extras(pairs, batch)
+
+
+def collate_packed(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """All 2B sequences in a single row with restarting position ids (no padding at all)."""
+    sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    ids: list[int] = []
+    positions: list[int] = []
+    ends = []
+    for seq in sequences:
+        ids.extend(seq)
+        positions.extend(range(len(seq)))
+        ends.append(len(ids) - 1)
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "reward_index": torch.tensor(ends, dtype=torch.long),
+        "real_tokens": torch.tensor(len(ids)),
+    }
+    return _extras(pairs, batch)
+
+
+def collate_shared_prefix(pairs: list[dict[str, Any]], pad_token_id: int, mask_format: str = "bool") -> dict[str, torch.Tensor]:
+    """One row per pair: prompt + chosen + rejected, rejected blind to chosen, positions continued.
+
+    mask_format: "bool" (True = may attend; SDPA) or "float" (0 / dtype-min additive; eager attention).
+    """
+    rows = []
+    for p in pairs:
+        c, r = p["chosen_ids"], p["rejected_ids"]
+        n = _common_prefix(c, r)
+        rows.append((c[:n], c[n:], r[n:]))
+    width = max(len(a) + len(b) + len(d) for a, b, d in rows)
+    size = len(rows)
+    input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((size, width), dtype=torch.long)
+    allowed = torch.zeros((size, 1, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    chosen_end, rejected_end = [], []
+    real = 0
+    for i, (prefix, chosen, rejected) in enumerate(rows):
+        n, cs, rs = len(prefix), len(chosen), len(rejected)
+        total = n + cs + rs
+        input_ids[i, :total] = torch.tensor(prefix + chosen + rejected, dtype=torch.long)
+        position_ids[i, : n + cs] = torch.arange(n + cs)
+        position_ids[i, n + cs : total] = torch.arange(n, n + rs)
+        block = causal[:total, :total].clone()
+        block[n + cs : total, n : n + cs] = False  # rejected cannot see chosen
+        allowed[i, 0, :total, :total] = block
+        # Padding rows attend to themselves only, so no softmax runs over an empty row.
+        allowed[i, 0, range(total, width), range(total, width)] = True
+        chosen_end.append(i * width + n + cs - 1)
+        rejected_end.append(i * width + total - 1)
+        real += total
+    if mask_format == "float":
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    else:
+        mask = allowed
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask,
+        "reward_index": torch.tensor(chosen_end + rejected_end, dtype=torch.long),
+        "real_tokens": torch.tensor(real),
+    }
+    return _extras(pairs, batch)
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar length in random order.
+
+    Each epoch: shuffle (seed + epoch), cut into mega-batches of `mega_batch` batches, sort each by
+    length, cut into batches (of `batch_size` pairs, or as many as fit `max_tokens` padded tokens),
+    then shuffle the batch order, so training order stays random while padding nearly vanishes.
+    """
+
+    def __init__(
+        self,
+        costs: list[int],
+        batch_size: int,
+        seed: int,
+        max_tokens: int | None = None,
+        mega_batch: int = 50,
+        shuffle: bool = True,
+    ):
+        self.costs = costs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.mega_batch = mega_batch
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._batches: list[list[int]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._batches = None
+
+    def _build(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.costs)))
+        if self.shuffle:
+            rng.shuffle(order)
+        span = self.batch_size * self.mega_batch
+        batches: list[list[int]] = []
+        for start in range(0, len(order), span):
+            mega = sorted(order[start : start + span], key=lambda i: -self.costs[i])
+            batches.extend(self._cut(mega))
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def _cut(self, ordered: list[int]) -> list[list[int]]:
+        if self.max_tokens is None:
+            return [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        batches, current, widest = [], [], 0
+        for index in ordered:
+            cost = self.costs[index]
+            # Padded cost of the batch if this pair joins: every pair padded to the widest one.
+            if current and max(widest, cost) * (len(current) + 1) > self.max_tokens:
+                batches.append(current)
+                current, widest = [], 0
+            current.append(index)
+            widest = max(widest, cost)
+        if current:
+            batches.append(current)
+        return batches
+
+    def batches(self) -> list[list[int]]:
+        if self._batches is None:
+            self._batches = self._build()
+        return self._batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing a layout and building loaders
+
+
+def choose_layout(rm, share_prefix: bool, padding_free: bool) -> tuple[str, str, str | None]:
+    """(layout, 4D mask format, a note to print when a request could not be honoured)."""
+    if rm.fmt.is_encoder:
+        # Bidirectional attention: a shared prefix would see both answers; BERT-like models have no
+        # packed-sequence masks in transformers. Length grouping still removes most padding.
+        note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
+        return "plain", "bool", note
+    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
+    attn = getattr(base.config, "_attn_implementation", "eager")
+    if share_prefix:
+        if attn in ("sdpa", "eager"):
+            return "shared_prefix", "bool" if attn == "sdpa" else "float", None
+        fallback = "packed" if padding_free else "plain"
+        return fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches"
+    return ("packed" if padding_free else "plain"), "bool", None
+
+
+def make_dataloader(
+    pairs: list[dict[str, Any]],
+    layout: str,
+    pad_token_id: int,
+    mask_format: str,
+    batch_size: int,
+    seed: int,
+    *,
+    shuffle: bool,
+    length_grouped: bool,
+    max_tokens: int | None = None,
+):
+    """A DataLoader over pairs in `layout`, and its length-grouped sampler (or None)."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    if layout == "shared_prefix":
+        collate = partial(collate_shared_prefix, pad_token_id=pad_token_id, mask_format=mask_format)
+    else:
+        collate = partial(collate_packed if layout == "packed" else collate_plain, pad_token_id=pad_token_id)
+    if not (length_grouped or max_tokens):
+        return DataLoader(pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=collate), None
+    costs = [pair_cost(p, layout) for p in pairs]
+    sampler = LengthGroupedBatchSampler(
+        costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs)
+    )
+    return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler

@@ -1,0 +1,113 @@
+"""Batch layouts give the same rewards and gradients as the plain two-sequence forward (fp32, 1e-4),
+on real models and real data; the length-grouped sampler keeps every pair once per epoch."""
+
+import pytest
+import torch
+
+from rmtrain.batching import (
+    LengthGroupedBatchSampler,
+    collate_packed,
+    collate_plain,
+    collate_shared_prefix,
+    pair_cost,
+)
+from rmtrain.config import LoraConfig, ModelConfig
+from rmtrain.data import tokenize_pairs
+from rmtrain.model import batch_rewards, load_reward_model
+from tests.conftest import read_jsonl
+
+
+def hh_pairs(rm, shared_data, n=6, max_length=160):
+    rows = read_jsonl(shared_data / "hh_harmless_test.jsonl", limit=40)
+    pairs, _ = tokenize_pairs(rows, "hh", rm.tokenizer, rm.fmt, max_length, "filter")
+    return pairs[:n]
+
+
+def rewards_and_grads(rm, batch):
+    rm.model.zero_grad(set_to_none=True)
+    chosen, rejected = batch_rewards(rm.model, rm, batch)
+    weights = torch.linspace(0.5, 1.5, chosen.numel())
+    ((chosen - 2 * rejected) * weights).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in rm.model.named_parameters() if p.grad is not None}
+    return torch.cat([chosen, rejected]).detach(), grads
+
+
+def assert_same(rm, pairs, collates):
+    reference, ref_grads = rewards_and_grads(rm, collate_plain(pairs, rm.fmt.pad_token_id))
+    assert ref_grads
+    for collate in collates:
+        got, grads = rewards_and_grads(rm, collate(pairs, rm.fmt.pad_token_id))
+        assert (got - reference).abs().max().item() < 1e-4, collate.__name__
+        assert grads.keys() == ref_grads.keys()
+        worst = max((grads[k] - ref_grads[k]).abs().max().item() for k in grads)
+        assert worst < 1e-4, (collate.__name__, worst)
+
+
+def shared_eager(pairs, pad):
+    return collate_shared_prefix(pairs, pad, mask_format="float")
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_tiny_qwen3_layouts_match_plain(tiny_qwen3, shared_data, lora):
+    rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(r=4, alpha=8) if lora else None)
+    pairs = hh_pairs(rm, shared_data)
+    # HH pairs share the whole conversation up to the last answer: the prefix is long.
+    assert sum(pair_cost(p, "shared_prefix") for p in pairs) < 0.75 * sum(pair_cost(p, "plain") for p in pairs)
+    assert_same(rm, pairs, [collate_shared_prefix, collate_packed])
+
+
+@pytest.mark.shared_data
+def test_tiny_qwen3_eager_attention_float_mask(tiny_qwen3, shared_data):
+    rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3, init_kwargs={"attn_implementation": "eager"}))
+    assert_same(rm, hh_pairs(rm, shared_data, n=3), [shared_eager])
+
+
+@pytest.mark.shared_data
+def test_smollm2_layouts_match_plain_with_and_without_lora(smollm2, shared_data):
+    path, gguf = smollm2
+    rm = load_reward_model(ModelConfig(name_or_path=path, gguf_file=gguf))
+    pairs = hh_pairs(rm, shared_data, n=3, max_length=128)
+    assert_same(rm, pairs, [collate_shared_prefix])
+    from rmtrain.model import apply_lora, head_module
+
+    rm.model = apply_lora(rm.model, LoraConfig(r=4, alpha=8), rm.head_name, gradient_checkpointing=False)
+    rm.head = head_module(rm.model, rm.head_name)
+    assert_same(rm, pairs, [collate_shared_prefix])
+
+
+def test_shared_prefix_when_one_side_is_a_prefix_of_the_other():
+    pairs = [{"chosen_ids": [5, 6, 7], "rejected_ids": [5, 6, 7, 8, 9], "row": 0}]
+    batch = collate_shared_prefix(pairs, pad_token_id=0)
+    # Each side keeps its own reward token: the shared prefix stops one before the shorter end.
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert batch["reward_index"].tolist() == [2, 5]
+    mask = batch["attention_mask"][0, 0]
+    assert not mask[3, 2] and mask[3, 1] and mask[5, 3]
+
+
+def test_length_grouped_sampler_covers_every_pair_once_and_reshuffles():
+    costs = [((i * 37) % 101) + 1 for i in range(200)]
+    sampler = LengthGroupedBatchSampler(costs, batch_size=8, seed=1, mega_batch=25)
+    first = list(sampler)
+    assert sorted(i for b in first for i in b) == list(range(200))
+    # Within a batch lengths are close: far less padding than batches in random order.
+    padded = sum(max(costs[i] for i in b) * len(b) for b in first)
+    random_order = [list(range(i, i + 8)) for i in range(0, 200, 8)]
+    padded_random = sum(max(costs[i] for i in b) * len(b) for b in random_order)
+    assert padded < 1.1 * sum(costs) < padded_random
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_token_budget_caps_padded_tokens():
+    costs = [10] * 20 + [100] * 5
+    sampler = LengthGroupedBatchSampler(costs, batch_size=4, seed=0, max_tokens=200)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(25))
+    for b in batches:
+        assert max(costs[i] for i in b) * len(b) <= 200
+    assert max(len(b) for b in batches) >= 19  # short pairs share a batch (one joins the last long pair)
