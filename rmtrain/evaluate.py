@@ -79,7 +79,7 @@ def run_eval(
     """`rmtrain eval`: load a saved model (full or adapter), score a preference file, print and save metrics."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     log = log or RunLog(enabled=accelerator.is_main_process)
     rm, trained_max_length = load_saved(model_path)
     max_length = max_length or trained_max_length or 1024

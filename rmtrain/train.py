@@ -37,6 +37,9 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     out = Path(t.output_dir)
     bf16 = t.bf16 if t.bf16 is not None else torch.cuda.is_available()
     accelerator = Accelerator(
+        # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
+        # them one gloo group (MULTI_CPU) instead of N independent runs writing the same folder.
+        cpu=not torch.accelerator.is_available(),
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

@@ -185,3 +185,23 @@ def test_minilm_on_hh_beats_chance(tmp_path, minilm, shared_data):
     final = json.loads((out / "run_info.json").read_text())["final_eval"]
     bar = 0.618 if FULL else 0.56
     assert final["accuracy"] >= bar, final
+
+
+def test_two_process_launch_counts_every_eval_pair_once(tmp_path, tiny_qwen3, shared_data):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: one gloo group of 2."""
+    out = tmp_path / "run"
+    tree = base_recipe({"name_or_path": tiny_qwen3}, shared_data, out, train={"max_steps": 2, "per_device_batch_size": 2, "eval_batch_size": 5})
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rmtrain", "fit", str(write_recipe(tmp_path, tree))],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = " ".join(result.stderr.split())
+    assert "rmtrain fit: 2 process(es) (MULTI_CPU)" in text
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["num_processes"] == 2
+    kept = int(re.search(r"eval \(.*?\): 32 pairs read, (\d+) kept", text).group(1))
+    assert kept % (2 * 5) != 0  # the last eval batches are uneven: accelerate pads them with repeats
+    assert info["final_eval"]["num_pairs"] == kept
