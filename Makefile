@@ -32,5 +32,11 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/rmtrain fit recipes/demo.yaml --overwrite
 	HF_HUB_OFFLINE=1 $(BIN)/rmtrain eval runs/demo --data data/demo/eval.jsonl --json runs/demo/eval.json
 
+# rmtrain vs TRL 1.16 RewardTrainer on the same models, data and settings (TRL installed as the bench extra).
+# BENCH_ARGS=--quick for a short smoke run.
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs data/demo .pytest_cache

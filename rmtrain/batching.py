@@ -38,7 +38,9 @@ def pair_cost(pair: dict[str, Any], layout: str) -> int:
     c, r = len(pair["chosen_ids"]), len(pair["rejected_ids"])
     if layout == "shared_prefix":
         return c + r - _common_prefix(pair["chosen_ids"], pair["rejected_ids"])
-    return c + r
+    if layout == "packed":
+        return c + r
+    return 2 * max(c, r)  # plain: both sides are padded to the widest sequence of the batch
 
 
 def _extras(pairs: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

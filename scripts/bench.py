@@ -8,14 +8,17 @@ TRL: `python scripts/bench_trl.py SPEC.json`), tools alternating (rmtrain, TRL, 
 --repeats). Both get the same model, rows, max_length (pairs with a side longer are dropped, TRL's behaviour,
 rmtrain's default), per-device batch size (pairs; each pair is a chosen and a rejected sequence), learning
 rate (linear decay, no warm-up, AdamW, grad clipping 1.0 -- both tools' defaults), fp32, seed 42, gradient
-checkpointing setting, dropout off, 1 epoch, eval batch = train batch.
+checkpointing setting, dropout off, 1 epoch, eval batch = train batch. Each tool otherwise runs with its own
+defaults: TRL pads chosen and rejected as separate rows in random batches; rmtrain groups batches by length
+and, for decoders, computes prompt + chosen + rejected as one sequence (shared prefix) -- the table says which.
 
 Measured per run:
   pairs/s        training only: rmtrain `run_info.json` train.pairs_per_s (its loop clock, evaluation paused);
                  TRL `trainer.train()`'s train_samples_per_second (evaluation off during training). Neither
                  includes model load, tokenization or the final evaluation.
   computed tok   padded tokens fed to the model during training (input_ids.numel() of every batch; TRL: its
-                 data collator wrapped to count); real tok: the attention-mask sum.
+                 data collator wrapped to count); real tok: non-padding tokens of those batches (rmtrain's
+                 shared-prefix layout holds a pair's common prompt once, so it counts fewer).
   peak RSS       ru_maxrss of the child from os.wait4 (whole process: load, data, training, eval).
   eval acc       rmtrain final_eval.accuracy; TRL eval_accuracy from a separate trainer.evaluate() (TRL's
                  number is a mean of per-batch accuracies; bench_trl.py also reports the per-pair one).
@@ -23,21 +26,24 @@ Measured per run:
 
 Cases and sizes (default / --quick):
   qwen3-hh         tiny random Qwen3 (2 layers, hidden 128; real Qwen tokenizer, built with
-                   tests.assets.build_tiny_qwen3) on hh_harmless_test.jsonl: train the first 1024 / 256 rows,
+                   tests.assets.build_tiny_qwen3) on hh_harmless_test.jsonl: train the first 1800 / 256 rows,
                    eval the last 512 / 128 rows; batch 8, lr 1e-4, max_length 512, gradient checkpointing on
                    (both tools' default).
   minilm-helpful   MiniLM-L6 (pretrained BERT encoder) on hh_helpful_base_test.jsonl: train the first
-                   1024 / 256 rows, eval the last 512 / 128; batch 16, lr 5e-5, max_length 512, gradient
+                   768 / 128 rows, eval the last 512 / 64; batch 16, lr 5e-5, max_length 512, gradient
                    checkpointing off. TRL gets pre-tokenized chosen_ids/rejected_ids (it crashes on tokenizers
                    without EOS); the ids are exactly what rmtrain builds for an encoder.
   smollm2-lora-uf  SmolLM2-135M-Instruct (GGUF, dequantized to fp32) + LoRA r 16, alpha 32, all-linear,
                    modules_to_save [score] on ultrafeedback_binarized_sample.jsonl (explicit prompt; the file's
-                   `margin` column is used by both tools' loss): train the first 192 / 48 rows with
-                   split == train_sample, eval the first 96 / 32 rows with split == eval_sample; batch 4,
+                   `margin` column is used by both tools' loss): train the first 128 / 32 rows with
+                   split == train_sample, eval the first 64 / 16 rows with split == eval_sample; batch 4,
                    lr 1e-3, max_length 512, gradient checkpointing on. Pad token <|endoftext|> for both (pad is
                    EOS in SmolLM2).
 Counts are rows read; pairs longer than max_length are then dropped by both tools alike (the tables show the
-pairs actually trained and evaluated). The default run takes about 25 minutes on 2 CPU cores, --quick about 5.
+pairs actually trained and evaluated; about half of the UltraFeedback rows are longer than 512 tokens). On an
+otherwise idle 2-core AMD EPYC the default run takes about 25 minutes, --quick about 6. Other processes
+on the machine distort the timings badly (3-10x seen): each run records the CPU that other processes used
+meanwhile (from /proc/stat) and the table warns when it exceeds a quarter of a core.
 
 Results: a markdown table per case (paste into the README) with rmtrain/TRL ratios, and `--out` JSON.
 """
@@ -46,9 +52,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -68,12 +76,13 @@ from tests.assets import SMOLLM2_GGUF, minilm_dir, shared_data_dir, smollm2_dir 
 HH_ROWS = {"hh_harmless_test.jsonl": 2312, "hh_helpful_base_test.jsonl": 2352}
 SEED = 42
 MAX_LENGTH = 512
+BUSY_CORES = 0.25  # other processes using more CPU than this (in cores) during a run make its timing suspect
 
 # (train rows, eval rows) per case: default, --quick
 SIZES = {
-    "qwen3-hh": {"default": (1024, 512), "quick": (256, 128)},
-    "minilm-helpful": {"default": (1024, 512), "quick": (256, 128)},
-    "smollm2-lora-uf": {"default": (192, 96), "quick": (48, 32)},
+    "qwen3-hh": {"default": (1800, 512), "quick": (256, 128)},
+    "minilm-helpful": {"default": (768, 512), "quick": (128, 64)},
+    "smollm2-lora-uf": {"default": (128, 64), "quick": (32, 16)},
 }
 CASES = list(SIZES)
 
@@ -245,10 +254,22 @@ class RunFailed(RuntimeError):
     pass
 
 
-def run_child(cmd: list[str], log_file: Path, verbose: bool, stdout_file: Path | None = None) -> tuple[float, int]:
-    """Run `cmd`; return (wall seconds, peak RSS in KiB). Output goes to `log_file` (and the console if verbose)."""
+def cpu_busy_seconds() -> float | None:
+    """CPU time the whole machine has spent busy (all cores, all processes), from /proc/stat."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(cmd: list[str], log_file: Path, verbose: bool, stdout_file: Path | None = None) -> dict:
+    """Run `cmd`; return wall seconds, peak RSS (KiB), its CPU seconds, and the CPU other processes used meanwhile
+    (in cores, to flag a busy machine). Output goes to `log_file` (and the console if verbose)."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "warning"}
+                        "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "warning", "COLUMNS": "160"}
+    busy_before = cpu_busy_seconds()
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tee = None
@@ -265,10 +286,16 @@ def run_child(cmd: list[str], log_file: Path, verbose: bool, stdout_file: Path |
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
+    busy_after = cpu_busy_seconds()
+    cpu = usage.ru_utime + usage.ru_stime
+    other = None
+    if busy_before is not None and busy_after is not None:
+        other = max(0.0, (busy_after - busy_before - cpu) / seconds)
     if proc.returncode != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
         raise RunFailed(f"{' '.join(cmd)} exited with {proc.returncode}; last lines of {log_file}:\n{tail}")
-    return seconds, usage.ru_maxrss  # KiB on Linux
+    return {"wall_seconds": seconds, "peak_rss_kib": usage.ru_maxrss,  # KiB on Linux
+            "cpu_seconds": cpu, "other_cpu_cores": other}
 
 
 def run_rmtrain(case: dict, run_dir: Path, verbose: bool) -> dict:
@@ -276,7 +303,8 @@ def run_rmtrain(case: dict, run_dir: Path, verbose: bool) -> dict:
     out = run_dir / "run"
     recipe_file = run_dir / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(rmtrain_recipe(case, out), sort_keys=False))
-    wall, rss = run_child([sys.executable, "-m", "rmtrain", "fit", str(recipe_file), "--overwrite"], run_dir / "log.txt", verbose)
+    child = run_child([sys.executable, "-m", "rmtrain", "fit", str(recipe_file), "--overwrite"], run_dir / "log.txt", verbose)
+    layout = re.search(r"batches: (.*?)(?:\n|$)", (run_dir / "log.txt").read_text(errors="replace"))
     info = json.loads((out / "run_info.json").read_text())
     t, ev = info["train"], info["final_eval"] or {}
     return {
@@ -292,8 +320,8 @@ def run_rmtrain(case: dict, run_dir: Path, verbose: bool) -> dict:
         "eval_pairs_scored": ev.get("num_pairs", info["eval_pairs"]),
         "eval_loss": ev.get("loss"),
         "steps": info["steps"],
-        "peak_rss_kib": rss,
-        "wall_seconds": wall,
+        "batches": layout.group(1).strip() if layout else None,
+        **child,
         "raw": info,
     }
 
@@ -303,7 +331,7 @@ def run_trl(case: dict, run_dir: Path, verbose: bool) -> dict:
     spec_file = run_dir / "spec.json"
     spec_file.write_text(json.dumps(trl_spec(case, run_dir / "run"), indent=2))
     result_file = run_dir / "result.jsonl"
-    wall, rss = run_child(
+    child = run_child(
         [sys.executable, str(ROOT / "scripts" / "bench_trl.py"), str(spec_file)], run_dir / "log.txt", verbose, result_file
     )
     lines = [line for line in result_file.read_text().splitlines() if line.strip()]
@@ -325,8 +353,8 @@ def run_trl(case: dict, run_dir: Path, verbose: bool) -> dict:
         "eval_pairs_scored": ev["pairs"],
         "eval_loss": ev["loss"],
         "steps": t["steps"],
-        "peak_rss_kib": rss,
-        "wall_seconds": wall,
+        "batches": "plain layout, random order",
+        **child,
         "raw": res,
     }
 
@@ -397,6 +425,18 @@ def case_table(name: str, case: dict, runs: list[dict], summary: dict) -> str:
                  f"{r['peak_rss_kib'] / 2**20:.2f}", acc, r["eval_pairs_scored"])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     q = summary["ratio"]
+    rm_batches = next((r["batches"] for r in runs if r["tool"] == "rmtrain" and r["batches"]), None)
+    lines += [
+        "",
+        f"Batches: rmtrain {rm_batches or '?'} (its defaults); TRL plain layout (chosen and rejected as padded rows), "
+        "random order.",
+    ]
+    busy = [r for r in runs if r["other_cpu_cores"] and r["other_cpu_cores"] > BUSY_CORES]
+    if busy:
+        lines.append(
+            f"WARNING: other processes used up to {max(r['other_cpu_cores'] for r in busy):.1f} cores during "
+            f"{len(busy)} of these runs; their timings are not comparable."
+        )
     lines += [
         "",
         f"rmtrain / TRL: pairs/s x{q['pairs_per_s']:.2f}, tokens computed x{q['computed_tokens']:.2f}, "
@@ -425,6 +465,9 @@ def main() -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if importlib.util.find_spec("trl") is None:
+        print("error: TRL is not installed in this environment: pip install trl==1.16.0", file=sys.stderr)
+        return 2
     data_dir = shared_data_dir()
     if data_dir is None:
         print("error: ../shared/data (the preference data) is absent", file=sys.stderr)
@@ -455,8 +498,11 @@ def main() -> int:
                     print(f"[{time.perf_counter() - started:6.0f}s] {name}: {tool} run {rep + 1}/{args.repeats} ...", end=" ", flush=True)
                     r = runner(case, run_dir, args.verbose)
                     runs.append(r)
+                    busy = r["other_cpu_cores"]
                     print(f"{r['pairs_per_s']:.2f} pairs/s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} GiB, "
-                          f"eval acc {r['eval_accuracy']:.3f}, {r['wall_seconds']:.0f}s wall", flush=True)
+                          f"eval acc {r['eval_accuracy']:.3f}, {r['wall_seconds']:.0f}s wall"
+                          + (f"  [BUSY MACHINE: other processes used {busy:.1f} cores]" if busy and busy > BUSY_CORES else ""),
+                          flush=True)
             summary = summarize(runs)
             results["cases"][name] = {"settings": {k: v for k, v in case.items()}, "runs": runs, "summary": summary}
             table = case_table(name, case, runs, summary)

@@ -53,7 +53,7 @@ def test_tiny_qwen3_layouts_match_plain(tiny_qwen3, shared_data, lora):
     rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(r=4, alpha=8) if lora else None)
     pairs = hh_pairs(rm, shared_data)
     # HH pairs share the whole conversation up to the last answer: the prefix is long.
-    assert sum(pair_cost(p, "shared_prefix") for p in pairs) < 0.75 * sum(pair_cost(p, "plain") for p in pairs)
+    assert sum(pair_cost(p, "shared_prefix") for p in pairs) < 0.75 * sum(pair_cost(p, "packed") for p in pairs)
     assert_same(rm, pairs, [collate_shared_prefix, collate_packed])
 
 
