@@ -13,6 +13,9 @@ every chosen sequence and then of every rejected one.
   hidden states in both sequences under causal attention, so rewards and gradients are the same as the
   plain two-sequence forward.
 
+Every layout reports `real_tokens` as the tokens of both sequences in full (what TRL's batches hold
+without padding), so `computed / real` below 1 measures what prefix sharing saves.
+
 Plus a length-grouped batch sampler (shuffled mega-batches, each sorted by length) with an optional
 token budget per batch.
 """
@@ -119,7 +122,7 @@ def collate_shared_prefix(pairs: list[dict[str, Any]], pad_token_id: int, mask_f
         allowed[i, 0, range(total, width), range(total, width)] = True
         chosen_end.append(i * width + n + cs - 1)
         rejected_end.append(i * width + total - 1)
-        real += total
+        real += total + n  # both sequences in full, as a two-sequence batch holds them
     if mask_format == "float":
         mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     else:
@@ -256,3 +259,19 @@ def make_dataloader(
         costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs)
     )
     return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler
+
+
+def token_counts(pairs: list[dict[str, Any]], batches: list[list[int]], layout: str) -> tuple[int, int, int]:
+    """(tokens computed, real tokens, unique tokens) for one epoch of `batches` in `layout`.
+
+    Real tokens count both sequences of every pair in full; unique tokens count a pair's shared prefix once.
+    """
+    computed = real = unique = 0
+    for batch in batches:
+        costs = [pair_cost(pairs[i], layout) for i in batch]
+        # Padded layouts pay the widest pair's cost for every pair; packed rows pay only their own.
+        computed += sum(costs) if layout == "packed" else max(costs) * len(batch)
+        for i in batch:
+            real += len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
+            unique += pair_cost(pairs[i], "shared_prefix")
+    return computed, real, unique

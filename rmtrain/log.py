@@ -35,6 +35,8 @@ def _summary(values: dict[str, Any]) -> str:
         parts.append(f"lr {values['learning_rate']:.2e}")
     if "pairs_per_s" in values:
         parts.append(f"{values['pairs_per_s']:.1f} pairs/s")
+    if "computed_tokens_per_real" in values:
+        parts.append(f"computed/real tokens {values['computed_tokens_per_real']:.2f}")
     return "  ".join(parts)
 
 

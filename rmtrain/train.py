@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rmtrain.config import Recipe, dump_recipe
-from rmtrain.batching import choose_layout, make_dataloader
+from rmtrain.batching import choose_layout, make_dataloader, token_counts
 from rmtrain.data import load_pairs
 from rmtrain.evaluate import first_occurrences, gather_pairs, score_pairs
 from rmtrain.log import RunLog, Throughput, truncate_metrics_file
@@ -76,7 +76,11 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             eval_pairs, layout, rm.fmt.pad_token_id, mask_format, t.eval_batch_size or t.per_device_batch_size, t.seed,
             shuffle=False, length_grouped=True,
         )
-    log.info(f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else ""))
+    line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
+    if length_sampler is not None:
+        computed, real, unique = token_counts(train_pairs, length_sampler.batches(), layout)
+        line += f"; tokens per epoch: {computed:,} computed, {real:,} real ({computed / real:.2f}x), {unique:,} unique"
+    log.info(line)
 
     # Optimizer, schedule ----------------------------------------------------------------------
     trainable = [p for p in rm.model.parameters() if p.requires_grad]

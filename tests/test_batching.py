@@ -111,3 +111,16 @@ def test_token_budget_caps_padded_tokens():
     for b in batches:
         assert max(costs[i] for i in b) * len(b) <= 200
     assert max(len(b) for b in batches) >= 19  # short pairs share a batch (one joins the last long pair)
+
+
+def test_token_counts_by_hand():
+    from rmtrain.batching import token_counts
+
+    pairs = [
+        {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5], "row": 0},  # prefix 2 -> unique 5
+        {"chosen_ids": [7, 8], "rejected_ids": [9, 8, 6, 6, 6, 6], "row": 1},  # prefix 0 -> unique 8
+    ]
+    batches = [[0, 1]]
+    assert token_counts(pairs, batches, "plain") == (2 * 2 * 6, 15, 13)  # 4 rows padded to 6
+    assert token_counts(pairs, batches, "packed") == (15, 15, 13)
+    assert token_counts(pairs, batches, "shared_prefix") == (2 * 8, 15, 13)  # 2 rows padded to 8
