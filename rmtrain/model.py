@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,16 +372,3 @@ def merged_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).merge_and_unload()
-
-
-def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a completely written folder into place; an older folder of that name is removed after."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)

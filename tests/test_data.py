@@ -1,7 +1,6 @@
 """Rows -> tokenized pairs: every data shape, EOS handling, truncation, filtering, bad rows."""
 
 import pytest
-from transformers import AutoTokenizer
 
 from rmtrain.config import ModelConfig
 from rmtrain.data import DataError, TokenFormat, read_rows, tokenize_pairs, truncate_left
