@@ -261,17 +261,18 @@ def make_dataloader(
     return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler
 
 
-def token_counts(pairs: list[dict[str, Any]], batches: list[list[int]], layout: str) -> tuple[int, int, int]:
-    """(tokens computed, real tokens, unique tokens) for one epoch of `batches` in `layout`.
+def token_counts(pairs: list[dict[str, Any]], sampler: LengthGroupedBatchSampler, layout: str) -> tuple[int, int, int]:
+    """(tokens computed, real tokens, unique tokens) for one epoch of `sampler`'s batches in `layout`.
 
     Real tokens count both sequences of every pair in full; unique tokens count a pair's shared prefix once.
+    The per-pair costs are the ones the sampler already computed for `layout`.
     """
     computed = real = unique = 0
-    for batch in batches:
-        costs = [pair_cost(pairs[i], layout) for i in batch]
+    for batch in sampler.batches():
+        costs = [sampler.costs[i] for i in batch]
         # Padded layouts pay the widest pair's cost for every pair; packed rows pay only their own.
         computed += sum(costs) if layout == "packed" else max(costs) * len(batch)
-        for i in batch:
+        for i, cost in zip(batch, costs):
             real += len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
-            unique += pair_cost(pairs[i], "shared_prefix")
+            unique += cost if layout == "shared_prefix" else pair_cost(pairs[i], "shared_prefix")
     return computed, real, unique

@@ -78,7 +78,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         )
     line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
     if length_sampler is not None:
-        computed, real, unique = token_counts(train_pairs, length_sampler.batches(), layout)
+        computed, real, unique = token_counts(train_pairs, length_sampler, layout)
         line += f"; tokens per epoch: {computed:,} computed, {real:,} real ({computed / real:.2f}x), {unique:,} unique"
     log.info(line)
 

@@ -120,7 +120,9 @@ def test_token_counts_by_hand():
         {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5], "row": 0},  # prefix 2 -> unique 5
         {"chosen_ids": [7, 8], "rejected_ids": [9, 8, 6, 6, 6, 6], "row": 1},  # prefix 0 -> unique 8
     ]
-    batches = [[0, 1]]
-    assert token_counts(pairs, batches, "plain") == (2 * 2 * 6, 15, 13)  # 4 rows padded to 6
-    assert token_counts(pairs, batches, "packed") == (15, 15, 13)
-    assert token_counts(pairs, batches, "shared_prefix") == (2 * 8, 15, 13)  # 2 rows padded to 8
+    def one_batch(layout):
+        return LengthGroupedBatchSampler([pair_cost(p, layout) for p in pairs], batch_size=2, seed=0)
+
+    assert token_counts(pairs, one_batch("plain"), "plain") == (2 * 2 * 6, 15, 13)  # 4 rows padded to 6
+    assert token_counts(pairs, one_batch("packed"), "packed") == (15, 15, 13)
+    assert token_counts(pairs, one_batch("shared_prefix"), "shared_prefix") == (2 * 8, 15, 13)  # 2 rows padded to 8
