@@ -17,7 +17,9 @@ Every layout reports `real_tokens` as the tokens of both sequences in full (what
 without padding), so `computed / real` below 1 measures what prefix sharing saves.
 
 Plus a length-grouped batch sampler (shuffled mega-batches, each sorted by length) with an optional
-token budget per batch.
+token budget per batch, and micro-batches: a training batch is computed in forward/backward passes of at
+most `max_tokens_per_forward` tokens each, so activation memory is bounded whatever the batch size (the
+loss stays a mean over the batch's pairs, so the gradient is the same).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def pair_cost(pair: dict[str, Any], layout: str) -> int:
     if layout == "packed":
         return c + r
     return 2 * max(c, r)  # plain: both sides are padded to the widest sequence of the batch
+
+
+def computed_tokens(costs: list[int], layout: str) -> int:
+    """Tokens a batch of pairs with these costs computes: packed rows pay their own, padded rows the widest."""
+    if not costs:
+        return 0
+    return sum(costs) if layout == "packed" else max(costs) * len(costs)
 
 
 def _extras(pairs: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,6 +146,33 @@ def collate_shared_prefix(pairs: list[dict[str, Any]], pad_token_id: int, mask_f
     return _extras(pairs, batch)
 
 
+def split_by_tokens(pairs: list[dict[str, Any]], layout: str, max_tokens: int | None) -> list[list[dict[str, Any]]]:
+    """A batch's pairs (longest first) in consecutive chunks of at most `max_tokens` computed tokens each.
+
+    A pair longer than the budget on its own gets a chunk of its own.
+    """
+    if max_tokens is None:
+        return [pairs]
+    ordered = sorted(pairs, key=lambda p: -pair_cost(p, layout))
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    costs: list[int] = []
+    for pair in ordered:
+        cost = pair_cost(pair, layout)
+        if current and computed_tokens(costs + [cost], layout) > max_tokens:
+            chunks.append(current)
+            current, costs = [], []
+        current.append(pair)
+        costs.append(cost)
+    chunks.append(current)
+    return chunks
+
+
+def collate_micro_batches(pairs: list[dict[str, Any]], collate, layout: str, max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """One training batch as a list of micro-batches, each run through its own forward and backward."""
+    return [collate(chunk) for chunk in split_by_tokens(pairs, layout, max_tokens)]
+
+
 class LengthGroupedBatchSampler:
     """Batches of similar length in random order.
 
@@ -153,8 +189,10 @@ class LengthGroupedBatchSampler:
         max_tokens: int | None = None,
         mega_batch: int = 50,
         shuffle: bool = True,
+        layout: str = "plain",
     ):
         self.costs = costs
+        self.layout = layout
         self.batch_size = batch_size
         self.seed = seed
         self.max_tokens = max_tokens
@@ -185,15 +223,14 @@ class LengthGroupedBatchSampler:
     def _cut(self, ordered: list[int]) -> list[list[int]]:
         if self.max_tokens is None:
             return [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
-        batches, current, widest = [], [], 0
+        batches: list[list[int]] = []
+        current: list[int] = []
         for index in ordered:
-            cost = self.costs[index]
-            # Padded cost of the batch if this pair joins: every pair padded to the widest one.
-            if current and max(widest, cost) * (len(current) + 1) > self.max_tokens:
+            # What the batch would compute if this pair joined (padding included in padded layouts).
+            if current and computed_tokens([self.costs[i] for i in current + [index]], self.layout) > self.max_tokens:
                 batches.append(current)
-                current, widest = [], 0
+                current = []
             current.append(index)
-            widest = max(widest, cost)
         if current:
             batches.append(current)
         return batches
@@ -242,8 +279,14 @@ def make_dataloader(
     shuffle: bool,
     length_grouped: bool,
     max_tokens: int | None = None,
+    micro_batches: bool = False,
+    max_tokens_per_forward: int | None = None,
 ):
-    """A DataLoader over pairs in `layout`, and its length-grouped sampler (or None)."""
+    """A DataLoader over pairs in `layout`, and its length-grouped sampler (or None).
+
+    With `micro_batches` (training), each batch comes as a list of micro-batches of at most
+    `max_tokens_per_forward` computed tokens (one micro-batch when None).
+    """
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -252,11 +295,14 @@ def make_dataloader(
         collate = partial(collate_shared_prefix, pad_token_id=pad_token_id, mask_format=mask_format)
     else:
         collate = partial(collate_packed if layout == "packed" else collate_plain, pad_token_id=pad_token_id)
+    if micro_batches:
+        collate = partial(collate_micro_batches, collate=collate, layout=layout, max_tokens=max_tokens_per_forward)
     if not (length_grouped or max_tokens):
         return DataLoader(pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=collate), None
     costs = [pair_cost(p, layout) for p in pairs]
     sampler = LengthGroupedBatchSampler(
-        costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs)
+        costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs),
+        layout=layout,
     )
     return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler
 
@@ -270,8 +316,7 @@ def token_counts(pairs: list[dict[str, Any]], sampler: LengthGroupedBatchSampler
     computed = real = unique = 0
     for batch in sampler.batches():
         costs = [sampler.costs[i] for i in batch]
-        # Padded layouts pay the widest pair's cost for every pair; packed rows pay only their own.
-        computed += sum(costs) if layout == "packed" else max(costs) * len(batch)
+        computed += computed_tokens(costs, layout)
         for i, cost in zip(batch, costs):
             real += len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
             unique += cost if layout == "shared_prefix" else pair_cost(pairs[i], "shared_prefix")

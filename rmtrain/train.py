@@ -30,7 +30,7 @@ class RunDirError(ValueError):
 
 def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
     from transformers import get_scheduler
 
     t = recipe.train
@@ -65,9 +65,15 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free)
     if note:
         log.info(note)
+    max_tokens_per_forward = t.max_tokens_per_forward
+    if max_tokens_per_forward and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed steps the optimizer inside backward(): one backward per batch.
+        log.info("DeepSpeed: train.max_tokens_per_forward does not apply, each batch runs in one pass")
+        max_tokens_per_forward = None
     train_dl, length_sampler = make_dataloader(
         train_pairs, layout, rm.fmt.pad_token_id, mask_format, t.per_device_batch_size, t.seed,
         shuffle=True, length_grouped=t.batching == "length_grouped", max_tokens=t.max_tokens_per_batch,
+        micro_batches=True, max_tokens_per_forward=max_tokens_per_forward,
     )
     eval_dl = None
     if eval_pairs:
@@ -77,6 +83,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             shuffle=False, length_grouped=True,
         )
     line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
+    line += f", at most {max_tokens_per_forward} tokens per forward" if max_tokens_per_forward else ", one forward per batch"
     if length_sampler is not None:
         computed, real, unique = token_counts(train_pairs, length_sampler, layout)
         line += f"; tokens per epoch: {computed:,} computed, {real:,} real ({computed / real:.2f}x), {unique:,} unique"
@@ -136,19 +143,31 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                 length_sampler.set_epoch(epoch)
             seen_rows = set() if batches_done == 0 else seen_rows
             batches = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
-            for batch in batches:
+            for micro_batches in batches:  # one batch, in passes of at most max_tokens_per_forward tokens
+                pairs_in_batch = sum(len(micro["row"]) for micro in micro_batches)
+                local: dict[str, list[torch.Tensor]] = {k: [] for k in window}
                 with accelerator.accumulate(model), offload:
-                    chosen, rejected = batch_rewards(model, rm, batch)
-                    per_pair = reward_loss(chosen, rejected, batch.get("margin"), t.center_rewards_coefficient)
-                    accelerator.backward(per_pair.mean())
+                    for i, micro in enumerate(micro_batches):
+                        # Gradients are all-reduced once per batch, on its last pass.
+                        last_pass = i == len(micro_batches) - 1
+                        with contextlib.nullcontext() if last_pass else accelerator.no_sync(model):
+                            chosen, rejected = batch_rewards(model, rm, micro)
+                            per_pair = reward_loss(chosen, rejected, micro.get("margin"), t.center_rewards_coefficient)
+                            # Summed over the pass, divided by the batch: the gradient of the batch's mean loss.
+                            accelerator.backward(per_pair.sum() / pairs_in_batch)
+                        real_tokens += int(micro["real_tokens"])
+                        computed_tokens += micro["input_ids"].numel()
+                        for key, value in zip(local, (micro["row"], chosen.detach(), rejected.detach(), per_pair.detach())):
+                            local[key].append(value)
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 batches_done += 1
-                real_tokens += int(batch["real_tokens"])
-                computed_tokens += batch["input_ids"].numel()
-                for key, value in zip(window, gather_pairs(accelerator, chosen.detach(), rejected.detach(), per_pair.detach(), row=batch["row"])):
+                # One gather per batch: processes may split their batches into different numbers of passes.
+                local_pairs = {k: torch.cat(v) for k, v in local.items()}
+                gathered = gather_pairs(accelerator, *(local_pairs[k] for k in ("chosen", "rejected", "loss")), row=local_pairs["row"])
+                for key, value in zip(window, gathered):
                     window[key].append(value)
                 if not accelerator.sync_gradients:
                     continue

@@ -126,3 +126,17 @@ def test_token_counts_by_hand():
     assert token_counts(pairs, one_batch("plain"), "plain") == (2 * 2 * 6, 15, 13)  # 4 rows padded to 6
     assert token_counts(pairs, one_batch("packed"), "packed") == (15, 15, 13)
     assert token_counts(pairs, one_batch("shared_prefix"), "shared_prefix") == (2 * 8, 15, 13)  # 2 rows padded to 8
+
+
+def test_split_by_tokens_respects_budget_and_keeps_every_pair():
+    from rmtrain.batching import split_by_tokens
+
+    pairs = [{"chosen_ids": [1] * n, "rejected_ids": [2] * n, "row": i} for i, n in enumerate([3, 9, 5, 2, 9])]
+    # plain costs 2 * n: 6, 18, 10, 4, 18; longest first, padded to the widest of each chunk.
+    chunks = split_by_tokens(pairs, "plain", max_tokens=36)
+    assert [[p["row"] for p in c] for c in chunks] == [[1, 4], [2, 0, 3]]  # 18*2 = 36; then 10*3 = 30
+    # packed pays each pair's own tokens: 18 + 18 > 30, 10 + 6 + 4 = 20.
+    assert [[p["row"] for p in c] for c in split_by_tokens(pairs, "packed", max_tokens=30)] == [[1], [4, 2], [0, 3]]
+    # A pair over budget on its own still gets a pass; no budget: one pass.
+    assert [len(c) for c in split_by_tokens(pairs, "plain", max_tokens=16)] == [1, 1, 1, 2]
+    assert split_by_tokens(pairs, "plain", max_tokens=None) == [pairs]

@@ -169,6 +169,24 @@ def test_resume_reaches_the_same_losses(tmp_path, tiny_qwen3, shared_data):
     assert abs(metrics(full, "eval")[-1]["loss"] - metrics(crashed, "eval")[-1]["loss"]) < 1e-5
 
 
+def test_passes_of_at_most_max_tokens_per_forward_train_the_same_model(tmp_path, tiny_qwen3, shared_data):
+    """A batch computed in several forward/backward passes gives the one-pass gradient: same losses."""
+    runs = {}
+    for budget in (None, 96):
+        out = tmp_path / f"budget-{budget}"
+        tree = base_recipe({"name_or_path": tiny_qwen3}, shared_data, out, train={"max_tokens_per_forward": budget, "max_steps": 4})
+        result = fit(tmp_path, tree)
+        runs[budget] = out
+        assert ("at most 96 tokens per forward" if budget else "one forward per batch") in result.stderr
+    one, split = metrics(runs[None], "train"), metrics(runs[96], "train")
+    assert len(one) == len(split) == 4
+    # Several passes per batch really happened: each pads only to its own widest pair.
+    assert sum(r["computed_tokens_per_real"] for r in split) < sum(r["computed_tokens_per_real"] for r in one)
+    for a, b in zip(one, split):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+    assert abs(metrics(runs[None], "eval")[-1]["loss"] - metrics(runs[96], "eval")[-1]["loss"]) < 1e-5
+
+
 @pytest.mark.slow
 def test_minilm_on_hh_beats_chance(tmp_path, minilm, shared_data):
     """Reduced by default; RMTRAIN_FULL=1 runs the README's setting (1792 train / 512 eval, bar: TRL 0.628 - 0.01)."""
