@@ -35,6 +35,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     t = recipe.train
     out = Path(t.output_dir)
+    keep_freed_memory_for_reuse()
     bf16 = t.bf16 if t.bf16 is not None else torch.cuda.is_available()
     accelerator = Accelerator(
         # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
@@ -223,6 +224,29 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return info
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Stop glibc from handing big freed blocks back to the OS (Linux only; elsewhere a no-op).
+
+    Blocks above 32 MB are mmap-ed and unmapped on free, so every step the dense gradient of a large
+    embedding (151936 x 128 floats on tiny Qwen3) is allocated in fresh pages and page-faulted in while
+    being zeroed. Serving them from the heap and not trimming it cut a tiny-Qwen3 CPU step by about 17%
+    (backward 79 -> 58 ms, zero_grad 5.5 -> 0.3 ms); peak RSS on MiniLM moved by under 0.1 GiB.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks up to 1 GiB from the heap
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # keep up to 2 GiB of freed heap for reuse (a C int)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> Path | None:
