@@ -1,7 +1,7 @@
 """`make bench`: rmtrain vs TRL 1.16 `RewardTrainer`, same model, data, settings, one process per run.
 
     python scripts/bench.py [--cases qwen3-hh,minilm-helpful,smollm2-lora-uf] [--quick] [--repeats N]
-                            [--out bench-results.json] [--work-dir DIR] [--keep] [--verbose]
+                            [--ablation] [--out bench-results.json] [--work-dir DIR] [--keep] [--verbose]
 
 Each run is its own subprocess (rmtrain: `python -m rmtrain fit RECIPE --overwrite` with a generated recipe;
 TRL: `python scripts/bench_trl.py SPEC.json`), tools alternating (rmtrain, TRL, rmtrain, TRL, ... with
@@ -71,6 +71,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rmtrain.config import TrainConfig  # noqa: E402
 from tests.assets import SMOLLM2_GGUF, minilm_dir, shared_data_dir, smollm2_dir  # noqa: E402
 
 HH_ROWS = {"hh_harmless_test.jsonl": 2312, "hh_helpful_base_test.jsonl": 2352}
@@ -298,11 +299,13 @@ def run_child(cmd: list[str], log_file: Path, verbose: bool, stdout_file: Path |
             "cpu_seconds": cpu, "other_cpu_cores": other}
 
 
-def run_rmtrain(case: dict, run_dir: Path, verbose: bool) -> dict:
+def run_rmtrain(case: dict, run_dir: Path, verbose: bool, train_overrides: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "run"
     recipe_file = run_dir / "recipe.yaml"
-    recipe_file.write_text(yaml.safe_dump(rmtrain_recipe(case, out), sort_keys=False))
+    recipe = rmtrain_recipe(case, out)
+    recipe["train"] |= train_overrides or {}
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
     child = run_child([sys.executable, "-m", "rmtrain", "fit", str(recipe_file), "--overwrite"], run_dir / "log.txt", verbose)
     layout = re.search(r"batches: (.*?)(?:\n|$)", (run_dir / "log.txt").read_text(errors="replace"))
     info = json.loads((out / "run_info.json").read_text())
@@ -366,6 +369,34 @@ def build_models(work: Path, cases: list[str], verbose: bool) -> Path:
         code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.assets import build_tiny_qwen3; build_tiny_qwen3(sys.argv[1])"
         run_child([sys.executable, "-c", code, str(models / "tiny-qwen3")], work / "build-tiny-qwen3.log", verbose)
     return models
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation (--ablation): rmtrain alone, adding one technique at a time, same case and seed
+
+# (label, train overrides, decoders only). The last row is rmtrain's defaults (the main bench run).
+ABLATION = [
+    ("plain: random batches, two padded rows per pair", {"batching": "plain", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
+    ("+ length-grouped batches", {"batching": "length_grouped", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
+    ("+ length-grouped + padding-free", {"batching": "length_grouped", "share_prefix": False, "padding_free": True, "max_tokens_per_forward": None}, True),
+    ("+ length-grouped + shared prefix", {"batching": "length_grouped", "share_prefix": True, "padding_free": False, "max_tokens_per_forward": None}, True),
+]
+DEFAULTS_LABEL = f"rmtrain defaults (+ passes of at most {TrainConfig.max_tokens_per_forward} tokens)"
+
+
+def ablation_table(name: str, case: dict, rows: list[tuple[str, dict]]) -> str:
+    header = ("rmtrain run", "pairs/s", "vs plain", "computed tok", "computed/real", "peak RSS GiB", "eval acc", "acc - plain")
+    lines = [f"**Ablation, {name}** (same settings as above, rmtrain only)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    plain = rows[0][1]
+    for label, r in rows:
+        cells = (label, f"{r['pairs_per_s']:.2f}", f"x{r['pairs_per_s'] / plain['pairs_per_s']:.2f}", f"{r['computed_tokens']:,}",
+                 f"{r['computed_tokens'] / r['real_tokens']:.2f}", f"{r['peak_rss_kib'] / 2**20:.2f}",
+                 f"{r['eval_accuracy']:.3f}", f"{r['eval_accuracy'] - plain['eval_accuracy']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    busy = [r for _, r in rows if r["other_cpu_cores"] and r["other_cpu_cores"] > BUSY_CORES]
+    if busy:
+        lines.append(f"\nWARNING: other processes used up to {max(r['other_cpu_cores'] for r in busy):.1f} cores during {len(busy)} of these runs.")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,6 +488,8 @@ def main() -> int:
     parser.add_argument("--work-dir", default=None, help="folder for recipes, logs and run outputs (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (always kept on failure)")
     parser.add_argument("--verbose", action="store_true", help="stream the children's output")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run rmtrain with one technique at a time (plain, length-grouped, padding-free, shared prefix)")
     args = parser.parse_args()
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -506,6 +539,18 @@ def main() -> int:
             summary = summarize(runs)
             results["cases"][name] = {"settings": {k: v for k, v in case.items()}, "runs": runs, "summary": summary}
             table = case_table(name, case, runs, summary)
+            if args.ablation:
+                rows = []
+                for i, (label, overrides, decoders_only) in enumerate(ABLATION):
+                    if decoders_only and name == "minilm-helpful":
+                        continue
+                    print(f"[{time.perf_counter() - started:6.0f}s] {name}: ablation {label} ...", end=" ", flush=True)
+                    r = run_rmtrain(case, work / name / f"ablation-{i}", args.verbose, overrides)
+                    print(f"{r['pairs_per_s']:.2f} pairs/s, eval acc {r['eval_accuracy']:.3f}", flush=True)
+                    rows.append((label, r))
+                rows.append((DEFAULTS_LABEL, next(r for r in runs if r["tool"] == "rmtrain")))
+                results["cases"][name]["ablation"] = [{"label": label, **r} for label, r in rows]
+                table += "\n\n" + ablation_table(name, case, rows)
             tables.append(table)
             print("\n" + table + "\n", flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a later failure
