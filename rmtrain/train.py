@@ -156,7 +156,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                             per_pair = reward_loss(chosen, rejected, micro.get("margin"), t.center_rewards_coefficient)
                             # Summed over the pass, divided by the batch: the gradient of the batch's mean loss.
                             accelerator.backward(per_pair.sum() / pairs_in_batch)
-                        real_tokens += int(micro["real_tokens"])
+                        real_tokens += micro["real_tokens"]  # a device tensor: int() would wait for the GPU every pass
                         computed_tokens += micro["input_ids"].numel()
                         for key, value in zip(local, (micro["row"], chosen.detach(), rejected.detach(), per_pair.detach())):
                             local[key].append(value)
@@ -177,7 +177,8 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                 step += 1
                 log.advance()
                 if step % t.logging_steps == 0 or step == total_steps:
-                    counts = accelerator.reduce(torch.tensor([real_tokens, computed_tokens], device=accelerator.device), "sum")
+                    local_counts = [torch.as_tensor(n, device=accelerator.device) for n in (real_tokens, computed_tokens)]
+                    counts = accelerator.reduce(torch.stack(local_counts), "sum")
                     pairs = {k: torch.cat(v) for k, v in window.items()}
                     first = first_occurrences(pairs["row"], seen_rows).to(pairs["chosen"].device)
                     speed.add(int(first.sum()), int(counts[0]), int(counts[1]))
