@@ -126,3 +126,17 @@ def test_token_counts_by_hand():
     assert token_counts(pairs, one_batch("plain"), "plain") == (2 * 2 * 6, 15, 13)  # 4 rows padded to 6
     assert token_counts(pairs, one_batch("packed"), "packed") == (15, 15, 13)
     assert token_counts(pairs, one_batch("shared_prefix"), "shared_prefix") == (2 * 8, 15, 13)  # 2 rows padded to 8
+
+
+def test_length_grouped_steps_hold_the_same_pairs_at_any_world_size():
+    """Through Accelerate's own sharding: 2 processes x 4 pairs see, step by step, the pairs of 1 process x 8."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    costs = [((i * 37) % 101) + 1 for i in range(83)]  # 83 pairs: a short last step of 3
+    one = list(LengthGroupedBatchSampler(costs, batch_size=8, seed=3))
+    two = LengthGroupedBatchSampler(costs, batch_size=4, seed=3, num_processes=2)
+    shards = [list(BatchSamplerShard(two, num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(one)
+    for step, pairs in enumerate(one):
+        assert sorted(shards[0][step] + shards[1][step]) == sorted(pairs)
+        assert shards[0][step] and shards[1][step]  # the short last step is split, not padded with repeats

@@ -1,7 +1,6 @@
 """Non-finite losses: a step whose loss (or gradient norm) is not finite is skipped and counted; after
 `train.max_nonfinite_steps` in a row the run stops, naming the rows, and its last checkpoint stays."""
 
-import json
 import re
 from pathlib import Path
 
