@@ -57,6 +57,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         f"device {accelerator.device}, precision {'bf16' if bf16 else 'fp32'}, output {out}"
     )
     checkpoint = check_output_dir(out, resume, overwrite, log)
+    check_engine(accelerator, t, log)
 
     # Model, data ------------------------------------------------------------------------------
     set_seed(t.seed)
@@ -255,6 +256,27 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return info
+
+
+def check_engine(accelerator, t, log: RunLog) -> None:
+    """Say when an FSDP/DeepSpeed launch config did not take; fill DeepSpeed's "auto" values from the recipe."""
+    from accelerate.utils import DistributedType
+
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "").lower() == "true"]
+    if requested and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Accelerate enables FSDP and DeepSpeed only on GPUs (and other accelerators), never for CPU processes.
+        log.warn(f"{requested[0]} config ignored: no GPU, so Accelerate runs plain data parallel ({accelerator.distributed_type.value})")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, t)
+
+
+def fill_deepspeed_auto(config: dict[str, Any], t) -> None:
+    """DeepSpeed clips gradients itself and needs a micro-batch size, which length-grouped loaders do not
+    expose (`batch_size` None): take both from the recipe where the DeepSpeed config says "auto"."""
+    for key, value in (("train_micro_batch_size_per_gpu", t.per_device_batch_size), ("gradient_clipping", t.max_grad_norm or 0.0)):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
 
 
 class StopRequest:
