@@ -3,7 +3,7 @@ process on the same global batch, and runs killed with SIGKILL or stopped with S
 
 Reference runs (module fixture): tiny Qwen3 on 42 HH pairs, 12 steps of 8 pairs (two epochs, the sixth
 step of each holding the last 2 pairs), a checkpoint every 2 steps, fp32; as 1 process x 8 pairs and as
-2 processes x 4 pairs.
+2 processes x 4 pairs. `train.batching: plain` (Accelerate's own sharding) is checked in test_batching.py.
 """
 
 import json
@@ -86,26 +86,6 @@ def test_two_processes_match_one_process_on_the_same_global_batch(reference):
     assert_same_run(reference[1], reference[2], 1e-4)
     losses = [r["loss"] for r in metrics(reference[1], "train")]
     assert max(losses) - min(losses) > 1e-3  # the runs moved: the check compares a curve, not a constant
-
-
-def test_plain_batches_two_processes_match_one_process(tmp_path, tiny_qwen3, shared_data):
-    """`train.batching: plain` (random batches, Accelerate's sharding). Stops at step 5: Accelerate fills the
-    short last step of an epoch with repeated pairs on the processes that would have none (README, Multi-GPU)."""
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"run{n}"
-        tree = hh_recipe(tiny_qwen3, shared_data, out, per_device_batch_size=batch_for(n), batching="plain",
-                         max_steps=5, save_steps=None)
-        result = run_fit(write_recipe(tmp_path, tree), num_processes=n)
-        assert result.returncode == 0, result.stderr[-3000:]
-        check_world_size(out, result.stderr, n)
-        runs[n] = out
-    one, two = metrics(runs[1], "train"), metrics(runs[2], "train")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
-    for key in ("loss", "accuracy"):
-        assert abs(final_eval(runs[1])[key] - final_eval(runs[2])[key]) < 1e-4
 
 
 # Faults ---------------------------------------------------------------------------------------------
