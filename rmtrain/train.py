@@ -165,7 +165,8 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                         accelerator.backward(per_pair.mean() * weight)
                     if accelerator.sync_gradients and t.max_grad_norm and not nonfinite_step:
                         norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        nonfinite_step = norm is not None and not torch.isfinite(torch.as_tensor(norm)).item()
+                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+                        nonfinite_step = norm is not None and not torch.isfinite(torch.as_tensor(norm)).all().item()
                     if not nonfinite_step:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)  # at a skipped step: drops the accumulated gradients
