@@ -179,6 +179,12 @@ class LengthGroupedBatchSampler:
     Each epoch: shuffle (seed + epoch), cut into mega-batches of `mega_batch` batches, sort each by
     length, cut into batches (of `batch_size` pairs, or as many as fit `max_tokens` padded tokens),
     then shuffle the batch order, so training order stays random while padding nearly vanishes.
+
+    With `num_processes` > 1 (fixed batch size), the batches above are global batches of
+    `num_processes * batch_size` pairs, each emitted as `num_processes` consecutive per-process parts;
+    Accelerate's sharding hands part i of every global batch to process i. So every optimizer step sees
+    the same pairs whatever the number of processes (1 x 2B pairs or 2 x B pairs). With `max_tokens`
+    the budget is per process and per micro-batch, so batches are cut per process as with one process.
     """
 
     def __init__(
@@ -189,15 +195,20 @@ class LengthGroupedBatchSampler:
         max_tokens: int | None = None,
         mega_batch: int = 50,
         shuffle: bool = True,
+        num_processes: int = 1,
         layout: str = "plain",
     ):
         self.costs = costs
         self.layout = layout
-        self.batch_size = batch_size
+        self.pairs_per_batch = batch_size
+        # Accelerate reads `batch_size` to shard; None tells it batches vary in size (a short last part,
+        # token budgets), so it shards batch by batch instead of dropping groups with a short batch.
+        self.batch_size = None
         self.seed = seed
         self.max_tokens = max_tokens
         self.mega_batch = mega_batch
         self.shuffle = shuffle
+        self.num_processes = 1 if max_tokens is not None else num_processes
         self.epoch = 0
         self._batches: list[list[int]] | None = None
 
@@ -211,18 +222,27 @@ class LengthGroupedBatchSampler:
         order = list(range(len(self.costs)))
         if self.shuffle:
             rng.shuffle(order)
-        span = self.batch_size * self.mega_batch
+        global_size = self.pairs_per_batch * self.num_processes
+        span = global_size * self.mega_batch
         batches: list[list[int]] = []
         for start in range(0, len(order), span):
             mega = sorted(order[start : start + span], key=lambda i: -self.costs[i])
-            batches.extend(self._cut(mega))
+            batches.extend(self._cut(mega, global_size))
         if self.shuffle:
             rng.shuffle(batches)
-        return batches
+        if self.num_processes == 1:
+            return batches
+        parts: list[list[int]] = []
+        for batch in batches:
+            # A short last global batch is split as evenly as it goes (no part left empty).
+            n = min(self.num_processes, len(batch))
+            bounds = [round(i * len(batch) / n) for i in range(n + 1)]
+            parts.extend(batch[bounds[i] : bounds[i + 1]] for i in range(n))
+        return parts
 
-    def _cut(self, ordered: list[int]) -> list[list[int]]:
+    def _cut(self, ordered: list[int], size: int) -> list[list[int]]:
         if self.max_tokens is None:
-            return [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+            return [ordered[i : i + size] for i in range(0, len(ordered), size)]
         batches: list[list[int]] = []
         current: list[int] = []
         for index in ordered:
@@ -279,11 +299,14 @@ def make_dataloader(
     shuffle: bool,
     length_grouped: bool,
     max_tokens: int | None = None,
+    num_processes: int = 1,
     micro_batches: bool = False,
     max_tokens_per_forward: int | None = None,
 ):
     """A DataLoader over pairs in `layout`, and its length-grouped sampler (or None).
 
+    `num_processes`: the world size the loader will be sharded over by `accelerator.prepare`; length-grouped
+    batches are then cut so that one optimizer step holds the same pairs as with one process.
     With `micro_batches` (training), each batch comes as a list of micro-batches of at most
     `max_tokens_per_forward` computed tokens (one micro-batch when None).
     """
@@ -302,7 +325,7 @@ def make_dataloader(
     costs = [pair_cost(p, layout) for p in pairs]
     sampler = LengthGroupedBatchSampler(
         costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs),
-        layout=layout,
+        num_processes=num_processes, layout=layout,
     )
     return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler
 

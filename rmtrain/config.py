@@ -129,6 +129,8 @@ class TrainConfig:
     """Pairs per device for evaluation; defaults to per_device_batch_size."""
     save_steps: int | None = None
     save_total_limit: int | None = 2
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop the run."""
 
 
 @dataclass
@@ -314,6 +316,7 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"train.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     check(t.save_steps is None or t.save_steps >= 1, f"train.save_steps: must be >= 1, got {t.save_steps}")
     check(t.save_total_limit is None or t.save_total_limit >= 1, f"train.save_total_limit: must be >= 1, got {t.save_total_limit}")
+    check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     check(
         t.center_rewards_coefficient is None or t.center_rewards_coefficient >= 0,
         f"train.center_rewards_coefficient: must be >= 0, got {t.center_rewards_coefficient}",

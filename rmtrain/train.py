@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from rmtrain.data import load_pairs
 from rmtrain.evaluate import first_occurrences, gather_pairs, score_pairs
 from rmtrain.log import RunLog, Throughput, truncate_metrics_file
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import batch_rewards, load_reward_model, merged_copy, save_model_folder
+from rmtrain.model import batch_rewards, load_reward_model, load_saved, merged_copy, save_model_folder
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -26,6 +28,10 @@ STATE_FILE = "training_state.json"
 
 class RunDirError(ValueError):
     """The output folder cannot be used as asked (exists without --resume/--overwrite, not writable, ...)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """`train.max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -52,6 +58,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         f"device {accelerator.device}, precision {'bf16' if bf16 else 'fp32'}, output {out}"
     )
     checkpoint = check_output_dir(out, resume, overwrite, log)
+    check_engine(accelerator, t, log)
 
     # Model, data ------------------------------------------------------------------------------
     set_seed(t.seed)
@@ -74,7 +81,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     train_dl, length_sampler = make_dataloader(
         train_pairs, layout, rm.fmt.pad_token_id, mask_format, t.per_device_batch_size, t.seed,
         shuffle=True, length_grouped=t.batching == "length_grouped", max_tokens=t.max_tokens_per_batch,
-        micro_batches=True, max_tokens_per_forward=max_tokens_per_forward,
+        num_processes=accelerator.num_processes, micro_batches=True, max_tokens_per_forward=max_tokens_per_forward,
     )
     eval_dl = None
     if eval_pairs:
@@ -114,11 +121,12 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     )
 
     # Resume -----------------------------------------------------------------------------------
-    step, epoch, batches_done = 0, 0, 0
+    step, epoch, batches_done, skipped_steps = 0, 0, 0, 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / STATE_FILE).read_text())
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        skipped_steps = state.get("skipped_steps", 0)
         if batches_done >= len(train_dl):
             epoch, batches_done = epoch + 1, 0
         if is_main:
@@ -130,6 +138,10 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     # Loop -------------------------------------------------------------------------------------
     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if t.activation_offloading else contextlib.nullcontext()
     window: dict[str, list[torch.Tensor]] = {"row": [], "chosen": [], "rejected": [], "loss": []}
+    step_pairs: list[tuple[torch.Tensor, ...]] = []  # this optimizer step's gathered pairs, until it is kept or skipped
+    nonfinite_step = False  # some micro-batch of this optimizer step had a non-finite loss on some process
+    nonfinite_in_a_row = 0
+    saved_step = step  # the step of the newest checkpoint (or the start)
     seen_rows: set[int] = set()  # pairs counted this epoch: repeats that even out DDP batches are not
     speed = Throughput()
     real_tokens = computed_tokens = 0  # this process's, summed across processes when logged
@@ -137,6 +149,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     model.train()
     log.start_progress(total_steps, completed=step)
     speed.resume()
+    stop = StopRequest(log)
     try:
         while step < total_steps:
             train_dl.set_epoch(epoch)
@@ -145,38 +158,58 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             seen_rows = set() if batches_done == 0 else seen_rows
             batches = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
             for micro_batches in batches:  # one batch, in passes of at most max_tokens_per_forward tokens
-                pairs_in_batch = sum(len(micro["row"]) for micro in micro_batches)
                 local: dict[str, list[torch.Tensor]] = {k: [] for k in window}
                 with accelerator.accumulate(model), offload:
+                    # Processes average gradients: weighting each by its pair count makes that the mean over
+                    # the global batch, even when a short last batch splits unevenly across processes.
+                    global_pairs = sum_over_processes(accelerator, sum(len(micro["row"]) for micro in micro_batches))
                     for i, micro in enumerate(micro_batches):
                         # Gradients are all-reduced once per batch, on its last pass.
                         last_pass = i == len(micro_batches) - 1
                         with contextlib.nullcontext() if last_pass else accelerator.no_sync(model):
                             chosen, rejected = batch_rewards(model, rm, micro)
                             per_pair = reward_loss(chosen, rejected, micro.get("margin"), t.center_rewards_coefficient)
-                            # Summed over the pass, divided by the batch: the gradient of the batch's mean loss.
-                            accelerator.backward(per_pair.sum() / pairs_in_batch)
+                            # Summed over the pass and scaled to the global batch: the gradient of its mean loss.
+                            accelerator.backward(per_pair.sum() * accelerator.num_processes / global_pairs)
                         real_tokens += micro["real_tokens"]  # a device tensor: int() would wait for the GPU every pass
                         computed_tokens += micro["input_ids"].numel()
                         for key, value in zip(local, (micro["row"], chosen.detach(), rejected.detach(), per_pair.detach())):
                             local[key].append(value)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    local_pairs = {k: torch.cat(v) for k, v in local.items()}
+                    # A non-finite loss on any process skips the step on every process (its gradients are dropped).
+                    nonfinite_step |= sum_over_processes(accelerator, int(not torch.isfinite(local_pairs["loss"]).all())) > 0
+                    if accelerator.sync_gradients and t.max_grad_norm and not nonfinite_step:
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+                        nonfinite_step = norm is not None and not torch.isfinite(torch.as_tensor(norm)).all().item()
+                    if not nonfinite_step:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)  # at a skipped step: drops the accumulated gradients
                 batches_done += 1
                 # One gather per batch: processes may split their batches into different numbers of passes.
-                local_pairs = {k: torch.cat(v) for k, v in local.items()}
-                gathered = gather_pairs(accelerator, *(local_pairs[k] for k in ("chosen", "rejected", "loss")), row=local_pairs["row"])
-                for key, value in zip(window, gathered):
-                    window[key].append(value)
+                step_pairs.append(gather_pairs(accelerator, *(local_pairs[k] for k in ("chosen", "rejected", "loss")), row=local_pairs["row"]))
                 if not accelerator.sync_gradients:
                     continue
 
+                # A skipped step still counts as a step: the schedule and the data position advance as in a
+                # run without it; only the weights and optimizer moments stay as they were.
                 scheduler.step()
                 step += 1
                 log.advance()
-                if step % t.logging_steps == 0 or step == total_steps:
+                if nonfinite_step:
+                    skipped_steps += 1
+                    nonfinite_in_a_row += 1
+                    rows = sorted({int(r) + 1 for pairs in step_pairs for r in pairs[0].tolist()})
+                    log.warn(f"step {step}: non-finite loss or gradient norm, optimizer step skipped ({nonfinite_in_a_row} in a row)")
+                    if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                        raise NonFiniteLossError(nonfinite_message(t.max_nonfinite_steps, step, rows, recipe, out, saved_step))
+                else:
+                    nonfinite_in_a_row = 0
+                    for values in step_pairs:
+                        for key, value in zip(window, values):
+                            window[key].append(value)
+                step_pairs, nonfinite_step = [], False
+                if (step % t.logging_steps == 0 or step == total_steps) and window["row"]:
                     local_counts = [torch.as_tensor(n, device=accelerator.device) for n in (real_tokens, computed_tokens)]
                     counts = accelerator.reduce(torch.stack(local_counts), "sum")
                     pairs = {k: torch.cat(v) for k, v in window.items()}
@@ -185,6 +218,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     values = pair_stats(pairs["chosen"][first], pairs["rejected"][first], pairs["loss"][first])
                     values |= {"learning_rate": scheduler.get_last_lr()[0], **speed.take_window()}
                     values["epoch"] = epoch + batches_done / len(train_dl)
+                    values["skipped_steps"] = skipped_steps
                     log.metrics("train", step, values)
                     window = {k: [] for k in window}
                     real_tokens = computed_tokens = 0
@@ -193,15 +227,28 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     last_eval, _ = score_pairs(accelerator, model, rm, eval_dl, t.center_rewards_coefficient)
                     log.metrics("eval", step, last_eval)
                     speed.resume()
-                if t.save_steps and step % t.save_steps == 0 and step != total_steps:
+                if t.save_steps and step % t.save_steps == 0 and step != total_steps and not nonfinite_in_a_row:
                     speed.pause()
-                    save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit)
+                    save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit, skipped_steps)
+                    saved_step = step
                     speed.resume()
                 if step >= total_steps:
                     break
+                if stop.agreed(accelerator):
+                    log.stop_progress()
+                    if saved_step != step:
+                        save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit, skipped_steps)
+                    # The run's resolved recipe holds the command-line overrides and the output folder.
+                    resume_command = f"rmtrain fit {out / 'recipe.yaml'} --resume"
+                    if accelerator.num_processes > 1:
+                        resume_command = f"accelerate launch <same options> -m {resume_command}"
+                    log.info(f"interrupted at step {step}; checkpoint saved to {out / 'checkpoints' / f'checkpoint-{step}'}; resume with: {resume_command}")
+                    accelerator.end_training()
+                    raise SystemExit(128 + stop.signum)
             else:
                 epoch, batches_done = epoch + 1, 0
     finally:
+        stop.restore()
         log.stop_progress()
 
     # Final evaluation and save ----------------------------------------------------------------
@@ -250,6 +297,78 @@ def keep_freed_memory_for_reuse() -> None:
         pass
 
 
+def check_engine(accelerator, t, log: RunLog) -> None:
+    """Say when an FSDP/DeepSpeed launch config did not take; fill DeepSpeed's "auto" values from the recipe."""
+    from accelerate.utils import DistributedType
+
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "").lower() == "true"]
+    if requested and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Accelerate enables FSDP and DeepSpeed only on GPUs (and other accelerators), never for CPU processes.
+        log.warn(f"{requested[0]} config ignored: no GPU, so Accelerate runs plain data parallel ({accelerator.distributed_type.value})")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, t)
+
+
+def fill_deepspeed_auto(config: dict[str, Any], t) -> None:
+    """DeepSpeed clips gradients itself and needs a micro-batch size, which length-grouped loaders do not
+    expose (`batch_size` None): take both from the recipe where the DeepSpeed config says "auto"."""
+    for key, value in (("train_micro_batch_size_per_gpu", t.per_device_batch_size), ("gradient_clipping", t.max_grad_norm or 0.0)):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while training: note it, so the loop ends after the current step with a checkpoint.
+
+    Repeated signals change nothing (a launcher forwards the signal the terminal already sent to the whole
+    process group); `kill -9` stops at once, and the newest complete checkpoint still resumes.
+    """
+
+    def __init__(self, log: RunLog):
+        self.log = log
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+            self.log.info(f"{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint")
+
+    def agreed(self, accelerator) -> bool:
+        """True on every process once any process was signalled (all must save the same checkpoint)."""
+        if accelerator.num_processes == 1:
+            return bool(self.signum)
+        signums = accelerator.gather(torch.tensor([self.signum], device=accelerator.device))
+        self.signum = self.signum or int(signums.max())
+        return bool(self.signum)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def sum_over_processes(accelerator, value: int) -> int:
+    """`value` summed over all processes (no collective with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), "sum")[0])
+
+
+def nonfinite_message(limit: int, step: int, rows: list[int], recipe: Recipe, out: Path, saved_step: int) -> str:
+    shown = ", ".join(map(str, rows[:20])) + (f", ... ({len(rows)} rows)" if len(rows) > 20 else "")
+    kept = f"the last checkpoint ({out / 'checkpoints' / f'checkpoint-{saved_step}'}) is kept" if saved_step else "no checkpoint was written"
+    return (
+        f"train.max_nonfinite_steps: {limit} optimizer steps in a row (up to step {step}) had a non-finite loss or "
+        f"gradient norm; last batch: rows {shown} of {recipe.data.train.path if recipe.data.train else 'train'}; {kept}. "
+        "Lower train.learning_rate, check those rows, or use fp32 (train.bf16: false)"
+    )
+
+
 def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> Path | None:
     """Refuse to clobber anything; return the checkpoint to resume from (or None). Changes nothing on disk."""
     is_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
@@ -264,7 +383,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> P
     existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"train.output_dir: {out} is not writable (no write permission on {existing})")
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint = latest_checkpoint(out, log) if resume else None
     if resume and checkpoint is None:
         log.info(f"--resume: no complete checkpoint in {out / 'checkpoints'}, starting from scratch")
     return checkpoint
@@ -285,16 +404,28 @@ def claim_output_dir(out: Path, overwrite: bool, resuming: bool) -> None:
         raise RunDirError(f"train.output_dir: {out} is not writable ({error.strerror})") from None
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """Newest checkpoint whose state file was written (a checkpoint is only renamed into place when complete)."""
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints whose state file was written, oldest first (one is only renamed into place when complete)."""
     root = out / "checkpoints"
-    if not root.is_dir():
-        return None
-    complete = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).is_file() and p.name.split("-")[-1].isdigit()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if root.is_dir() else []
+    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(accelerator, out: Path, step: int, epoch: int, batches_in_epoch: int, limit: int | None) -> Path:
+def latest_checkpoint(out: Path, log: RunLog | None = None) -> Path | None:
+    """Newest complete checkpoint; anything half-written (a crash while saving) is named and passed over."""
+    complete = complete_checkpoints(out)
+    newest = complete[-1] if complete else None
+    root = out / "checkpoints"
+    if log is not None and root.is_dir():
+        for path in sorted(root.iterdir()):
+            if path not in complete and path.is_dir():
+                log.info(f"--resume: ignoring {path}: incomplete (a save that did not finish)")
+    return newest
+
+
+def save_checkpoint(
+    accelerator, out: Path, step: int, epoch: int, batches_in_epoch: int, limit: int | None, skipped_steps: int = 0
+) -> Path:
     """Model/adapter, optimizer, scheduler, RNG and data position, written under a temporary name and renamed."""
     root = out / "checkpoints"
     final = root / f"checkpoint-{step}"
@@ -306,16 +437,12 @@ def save_checkpoint(accelerator, out: Path, step: int, epoch: int, batches_in_ep
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "skipped_steps": skipped_steps}
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if limit:
-            done = sorted(
-                (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            for old in done[:-limit]:
+            for old in complete_checkpoints(out)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -326,9 +453,14 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
 
     Files are written to a temporary folder first, then moved into place one by one.
     """
+    from accelerate.utils import DistributedType
+
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model) if recipe.lora is None else None  # every rank: FSDP/ZeRO-3 gather
+    # FSDP and DeepSpeed hold shards: gather full weights (a collective, every rank). PEFT's save_pretrained
+    # keeps the adapter and head entries of a full state dict, so LoRA takes the same path.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dict = accelerator.get_state_dict(model) if recipe.lora is None or sharded else None
     if not accelerator.is_main_process:
         return
     max_length = recipe.data.max_length
@@ -342,6 +474,8 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     if recipe.lora is not None and recipe.lora.merge:
         merged_tmp = out / ".merged.tmp"
         shutil.rmtree(merged_tmp, ignore_errors=True)
-        save_model_folder(merged_copy(unwrapped), None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
+        # Sharded parameters cannot be merged in place: merge the adapter just written, from disk.
+        merged = load_saved(out)[0].model.merge_and_unload() if sharded else merged_copy(unwrapped)
+        save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
         shutil.rmtree(out / "merged", ignore_errors=True)
         os.replace(merged_tmp, out / "merged")

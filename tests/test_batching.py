@@ -140,3 +140,44 @@ def test_split_by_tokens_respects_budget_and_keeps_every_pair():
     # A pair over budget on its own still gets a pass; no budget: one pass.
     assert [len(c) for c in split_by_tokens(pairs, "plain", max_tokens=16)] == [1, 1, 1, 2]
     assert split_by_tokens(pairs, "plain", max_tokens=None) == [pairs]
+
+
+def test_length_grouped_steps_hold_the_same_pairs_at_any_world_size():
+    """Through Accelerate's own sharding: 2 processes x 4 pairs see, step by step, the pairs of 1 process x 8."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    costs = [((i * 37) % 101) + 1 for i in range(83)]  # 83 pairs: a short last step of 3
+    one = list(LengthGroupedBatchSampler(costs, batch_size=8, seed=3))
+    two = LengthGroupedBatchSampler(costs, batch_size=4, seed=3, num_processes=2)
+    shards = [list(BatchSamplerShard(two, num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(one)
+    for step, pairs in enumerate(one):
+        assert sorted(shards[0][step] + shards[1][step]) == sorted(pairs)
+        assert shards[0][step] and shards[1][step]  # the short last step is split, not padded with repeats
+
+
+def test_plain_batches_hold_the_same_pairs_at_any_world_size_except_the_short_last_step():
+    """`train.batching: plain` is Accelerate's sharding of a shuffled loader (seedable sampler, as `fit` sets
+    it): 2 x 4 pairs per step are the pairs of 1 x 8, except the short last step, which Accelerate fills with
+    repeated pairs (README, Multi-GPU)."""
+    import torch
+    from accelerate.data_loader import prepare_data_loader
+
+    from rmtrain.batching import make_dataloader
+
+    pairs = [{"chosen_ids": [1, 2, 3 + i % 5], "rejected_ids": [1, 4], "row": i} for i in range(42)]
+
+    def steps(batch_size: int, num_processes: int, rank: int) -> list[list[int]]:
+        torch.manual_seed(42)  # fit's set_seed: the seedable sampler starts from torch's initial seed
+        loader, _ = make_dataloader(pairs, "plain", 0, "bool", batch_size, 42, shuffle=True, length_grouped=False)
+        sharded = prepare_data_loader(loader, num_processes=num_processes, process_index=rank, put_on_device=False,
+                                      use_seedable_sampler=True)
+        return [batch["row"].tolist() for batch in sharded]
+
+    one = steps(8, 1, 0)
+    two = [steps(4, 2, rank) for rank in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 6
+    for step in range(5):
+        assert sorted(two[0][step] + two[1][step]) == sorted(one[step])
+    assert len(one[5]) == 2 and len(two[0][5] + two[1][5]) == 8  # 2 pairs, padded to 8 with repeats
+    assert set(one[5]) <= set(two[0][5] + two[1][5])
