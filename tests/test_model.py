@@ -72,13 +72,6 @@ def test_pad_equal_to_eos_is_replaced_by_a_spare_special_token(smollm2):
         choose_pad_token(tok, "<nope>", is_encoder=False)
 
 
-def test_lora_targets_that_name_nothing_are_reported(tiny_qwen3):
-    with pytest.raises(ModelError, match="lora.target_modules: q_prj names no module"):
-        load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(target_modules=["q_prj"]))
-    with pytest.raises(ModelError, match="lora.modules_to_save: head names no module"):
-        load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(modules_to_save=["head"]))
-
-
 def test_lora_trains_adapters_and_the_score_head(tiny_qwen3):
     rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(r=4, alpha=8), gradient_checkpointing=True)
     trainable = [n for n, p in rm.model.named_parameters() if p.requires_grad]
