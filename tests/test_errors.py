@@ -176,6 +176,25 @@ def disk_fills_during_second_checkpoint(ctx: Ctx, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch, "save", save)
 
 
+def disk_fills_during_final_save(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtrain.train
+
+    def save_model_folder(model, state_dict, tokenizer, fmt, max_length, directory):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 1024)  # part written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
+
+    monkeypatch.setattr(rmtrain.train, "save_model_folder", save_model_folder)
+
+
+def final_save_left_nothing_half_written(ctx: Ctx) -> None:
+    from rmtrain.train import latest_checkpoint
+
+    assert not (ctx.out / ".final.tmp").exists() and not (ctx.out / "model.safetensors").exists()
+    assert not (ctx.out / "run_info.json").exists()  # the run is not marked complete
+    assert latest_checkpoint(ctx.out) == ctx.out / "checkpoints" / "checkpoint-1"
+
+
 def previous_checkpoint_intact(ctx: Ctx) -> None:
     from rmtrain.train import STATE_FILE, latest_checkpoint
 
@@ -186,6 +205,18 @@ def previous_checkpoint_intact(ctx: Ctx) -> None:
     assert state["step"] == 1
     assert (root / "checkpoint-1" / "model.safetensors").stat().st_size > 0
     assert (root / "checkpoint-1" / "optimizer.bin").stat().st_size > 0
+
+
+def completed(ctx: Ctx) -> None:
+    assert json.loads((ctx.out / "run_info.json").read_text())["complete"]
+
+
+def not_completed(ctx: Ctx) -> None:
+    assert ctx.out.is_dir() and not (ctx.out / "run_info.json").exists() and not (ctx.out / "model.safetensors").exists()
+
+
+def nothing_created_in_sys(ctx: Ctx) -> None:
+    assert not Path("/sys/rmtrain-run").exists()
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -319,7 +350,7 @@ CASES = [
     Case("data-identical-pairs-counted", "Data", "one pair with chosen == rejected among good ones (dropped and counted)",
          lambda c: c.fit(rows=GOOD_ROWS + [{"prompt": "Hi", "chosen": " Same.", "rejected": " Same."}]),
          ["5 pairs read, 4 kept, 0 dropped (longer than 64 tokens), 1 dropped (chosen == rejected)"], status=0,
-         check=lambda c: None),
+         check=completed),
     Case("data-all-identical", "Data", "every pair has chosen == rejected",
          lambda c: c.fit(rows=[{"prompt": "Hi", "chosen": " Same.", "rejected": " Same."}] * 2),
          ["train (<tmp>/pairs.jsonl): every pair has chosen identical to rejected (2 read, all dropped); "
@@ -329,10 +360,10 @@ CASES = [
          ["<tmp>/pairs.jsonl: line 2: not UTF-8 text (byte 113); re-encode the file as UTF-8"]),
     Case("data-10mb-row", "Data", "one 10 MB row among good ones (dropped and counted, in seconds)",
          lambda c: c.fit(rows=GOOD_ROWS + [{"prompt": "Q:", "chosen": TEN_MB, "rejected": " No."}]),
-         ["5 pairs read, 4 kept, 1 dropped (longer than 64 tokens)"], status=0, check=lambda c: None, max_seconds=120),
+         ["5 pairs read, 4 kept, 1 dropped (longer than 64 tokens)"], status=0, check=completed, max_seconds=120),
     Case("data-10mb-row-truncate", "Data", "the same with `data.truncation: truncate` (the row is cut to its last tokens and kept)",
          lambda c: c.fit(rows=GOOD_ROWS + [{"prompt": "Q:", "chosen": TEN_MB, "rejected": " No."}], data={"truncation": "truncate"}),
-         ["5 pairs read, 5 kept, 1 truncated to 64 tokens"], status=0, check=lambda c: None, max_seconds=120),
+         ["5 pairs read, 5 kept, 1 truncated to 64 tokens"], status=0, check=completed, max_seconds=120),
     Case("data-chat-without-template", "Data", "conversational rows, a tokenizer without a chat template, no `chat_template_path`",
          lambda c: c.fit(rows=[{"chosen": answer("Blue."), "rejected": answer("No.")}],
              model={"name_or_path": c.models["tiny-qwen3-no-template"]}),
@@ -359,16 +390,21 @@ CASES = [
          ["out of memory at step 1: a micro-batch of 2 pairs (train.per_device_batch_size: 2), 32 tokens (2 rows x 16); "
           "lower train.per_device_batch_size and raise train.gradient_accumulation_steps to keep 2 pairs per step, "
           "or set train.max_tokens_per_batch below 32 (or lower data.max_length)"],
-         patch=allocation_fails_in_forward, check=lambda c: None),
+         patch=allocation_fails_in_forward, check=not_completed),
     Case("disk-full-checkpoint", "Runtime", "the disk fills while checkpoint-2 is written (`save_steps: 1`; simulated: torch.save writes 1 KiB, then fails with ENOSPC)",
          lambda c: c.fit(train={"max_steps": 3, "save_steps": 1}),
          ["train.output_dir: could not write checkpoint-2 in <tmp>/run (No space left on device); the newest complete "
           "checkpoint <tmp>/run/checkpoints/checkpoint-1 is intact: free space and run again with --resume"],
          patch=disk_fills_during_second_checkpoint, check=previous_checkpoint_intact),
+    Case("disk-full-final-save", "Runtime", "the disk fills while the final model is written (simulated as above)",
+         lambda c: c.fit(train={"max_steps": 2, "save_steps": 1}),
+         ["train.output_dir: could not write the final model in <tmp>/run (No space left on device); the newest complete "
+          "checkpoint <tmp>/run/checkpoints/checkpoint-1 is intact: free space and run again with --resume"],
+         patch=disk_fills_during_final_save, check=final_save_left_nothing_half_written),
     Case("output-dir-not-writable", "Runtime", "`train.output_dir: /sys/rmtrain-run` (nothing can be created there, even as root)",
          lambda c: c.fit(train={"output_dir": "/sys/rmtrain-run"}),
          ["train.output_dir: /sys/rmtrain-run is not writable (Permission denied in /sys); choose a folder you can write to"],
-         check=lambda c: None if not Path("/sys/rmtrain-run").exists() else pytest.fail("created /sys/rmtrain-run")),
+         check=nothing_created_in_sys),
     Case("output-dir-holds-a-run", "Runtime", "`train.output_dir` holds an earlier run, no `--resume`/`--overwrite`",
          existing_run,
          ["train.output_dir: <tmp>/run already holds a run; pass --resume to continue it or --overwrite to replace it"],
