@@ -185,7 +185,10 @@ def _check_messages(messages: Any, where: str) -> None:
         raise DataError(f"{where}: empty message list")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            got = (f"keys {', '.join(sorted(message))}" if message else "no keys") if isinstance(message, dict) else type(message).__name__
+            if isinstance(message, dict):
+                got = f"keys {', '.join(sorted(message))}" if message else "no keys"
+            else:
+                got = type(message).__name__
             raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {got}")
         if message["role"] not in ROLES:
             raise DataError(f"{where}: message {i} has unknown role '{message['role']}' (expected one of {', '.join(sorted(ROLES))})")

@@ -98,7 +98,7 @@ def read_chat_template(path: str) -> str:
                 f"model.chat_template_path: the tokenizer in {path} has no chat template; give one that has, or a Jinja file"
             )
         return template
-    raise ModelError(f"model.chat_template_path: {path} is neither a Jinja file nor a tokenizer folder")
+    raise ModelError(f"model.chat_template_path: {path}: no such file or folder (expected a Jinja file or a tokenizer folder)")
 
 
 def check_chat_template(template: str, path: str) -> None:
@@ -107,23 +107,21 @@ def check_chat_template(template: str, path: str) -> None:
     import jinja2.meta
 
     try:
-        # The environment apply_chat_template uses (its extensions, e.g. {% generation %}, parse).
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+        try:
+            # The environment apply_chat_template uses (its extensions, e.g. {% generation %}, parse).
+            from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        environment = _compile_jinja_template(template).environment
-    except ImportError:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+            environment = _compile_jinja_template(template).environment
+        except ImportError:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        environment = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+            environment = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+        variables = jinja2.meta.find_undeclared_variables(environment.parse(template))
     except jinja2.TemplateSyntaxError as error:
         raise ModelError(
             f"model.chat_template_path: {path}: line {error.lineno}: not a valid Jinja template ({error.message}); "
             "fix the template, or give a tokenizer folder whose chat template to use"
         ) from None
-    try:
-        variables = jinja2.meta.find_undeclared_variables(environment.parse(template))
-    except jinja2.TemplateSyntaxError as error:
-        raise ModelError(f"model.chat_template_path: {path}: line {error.lineno}: not a valid Jinja template ({error.message})") from None
     if "messages" not in variables:
         raise ModelError(
             f"model.chat_template_path: {path} is not a chat template (it never reads 'messages'); "

@@ -1,6 +1,8 @@
 """Reward read-out: last real token from the attention mask (left/right padding, pad == eos); encoders
 keep their own pooling; pad token choice keeps saved folders right under plain transformers."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -78,3 +80,15 @@ def test_lora_trains_adapters_and_the_score_head(tiny_qwen3):
     assert any("lora_A" in n for n in trainable)
     assert any(n.endswith("score.modules_to_save.default.weight") for n in trainable)
     assert not any("embed_tokens" in n for n in trainable)
+
+
+def test_chat_template_path_takes_a_jinja_file_or_a_tokenizer_folder(tiny_qwen3, minilm, tmp_path):
+    """The positive side of the chat_template_path cases in tests/test_errors.py: a real template passes the check."""
+    from rmtrain.model import load_tokenizer
+
+    template_file = Path(tiny_qwen3) / "chat_template.jinja"
+    from_file = load_tokenizer(ModelConfig(name_or_path=minilm, chat_template_path=str(template_file)), is_encoder=True)
+    from_folder = load_tokenizer(ModelConfig(name_or_path=minilm, chat_template_path=tiny_qwen3), is_encoder=True)
+    assert from_file.chat_template == from_folder.chat_template == template_file.read_text()
+    messages = [{"role": "user", "content": "hi"}]
+    assert "<|im_start|>user\nhi<|im_end|>" in from_file.apply_chat_template(messages, tokenize=False)
