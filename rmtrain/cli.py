@@ -11,7 +11,14 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate reward models for RLHF.")
 
 # Bad input: reported as "where: what" lines with exit status 2 (no traceback unless --debug).
-USER_ERRORS = [("rmtrain.config", "RecipeError"), ("rmtrain.data", "DataError"), ("rmtrain.model", "ModelError"), ("rmtrain.train", "RunDirError"), ("rmtrain.train", "NonFiniteLossError")]
+USER_ERRORS = [
+    ("rmtrain.config", "RecipeError"),
+    ("rmtrain.data", "DataError"),
+    ("rmtrain.model", "ModelError"),
+    ("rmtrain.train", "RunDirError"),
+    ("rmtrain.train", "NonFiniteLossError"),
+    ("rmtrain.train", "ResourceError"),
+]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -378,7 +378,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         reason = getattr(error, "problem", None) or str(error)
-        raise RecipeError(source, [f"YAML syntax error at {where}{reason}"]) from None
+        raise RecipeError(source, [f"YAML syntax error at {where}{reason}; check the indentation, colons and brackets there"]) from None
     except UnicodeDecodeError as error:
         raise RecipeError(source, [f"not UTF-8 text ({error.reason} at byte {error.start})"]) from None
     if tree is None:

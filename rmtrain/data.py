@@ -49,6 +49,8 @@ class Preflight:
     too_long: int = 0
     truncated: int = 0
     identical: int = 0
+    longest: int = 0
+    """Tokens of the longest sequence read, before filtering or truncation."""
     lengths: list[int] = field(default_factory=list)
 
     def line(self, truncation: str, max_length: int) -> str:
@@ -142,7 +144,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+                raise DataError(
+                    f"{path}: line {number}: invalid JSON: {error.msg} (column {error.colno}); "
+                    "JSON lines need one complete JSON object per line"
+                ) from None
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
@@ -180,13 +185,17 @@ def _check_messages(messages: Any, where: str) -> None:
         raise DataError(f"{where}: empty message list")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
+            if isinstance(message, dict):
+                got = f"keys {', '.join(sorted(message))}" if message else "no keys"
+            else:
+                got = type(message).__name__
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {got}")
         if message["role"] not in ROLES:
             raise DataError(f"{where}: message {i} has unknown role '{message['role']}' (expected one of {', '.join(sorted(ROLES))})")
 
 
-def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> tuple[str, str, bool]:
-    """(chosen_text, rejected_text, add_special_tokens) for one row."""
+def check_row(row: dict[str, Any], where: str) -> None:
+    """What can be checked without a tokenizer: columns present, one shape, messages well formed, no empty text."""
     for key in ("chosen", "rejected"):
         if key not in row or row[key] is None:
             present = ", ".join(sorted(row)) or "none"
@@ -196,10 +205,25 @@ def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> t
     if len(shapes) > 1:
         raise DataError(f"{where}: mixes plain strings and message lists in prompt/chosen/rejected")
     if _is_messages(chosen):
-        prompt = prompt or []
         for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if key != "prompt" or value:
                 _check_messages(value, f"{where}: {key}")
+        return
+    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: '{key}' must be a string or a message list, got {type(value).__name__}")
+    if not chosen.strip() or not rejected.strip():
+        raise DataError(
+            f"{where}: empty {'chosen' if not chosen.strip() else 'rejected'} text; fill it in or remove the row"
+        )
+
+
+def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> tuple[str, str, bool]:
+    """(chosen_text, rejected_text, add_special_tokens) for one row."""
+    check_row(row, where)
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if _is_messages(chosen):
+        prompt = prompt or []
         if not tokenizer.chat_template:
             raise DataError(
                 f"{where}: conversational rows need a chat template, and the tokenizer has none; "
@@ -207,11 +231,6 @@ def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> t
             )
         render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
         return render(prompt + chosen), render(prompt + rejected), False
-    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if value is not None and not isinstance(value, str):
-            raise DataError(f"{where}: '{key}' must be a string or a message list, got {type(value).__name__}")
-    if not chosen.strip() or not rejected.strip():
-        raise DataError(f"{where}: empty {'chosen' if not chosen.strip() else 'rejected'} text")
     prompt = prompt or ""
     chosen, rejected = prompt + chosen, prompt + rejected
     if fmt.append_eos:
@@ -225,8 +244,27 @@ def row_margin(row: dict[str, Any], where: str) -> float | None:
         return None
     value = row["margin"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: 'margin' must be a finite number, got {value!r}")
+        raise DataError(
+            f"{where}: 'margin' must be a finite number, got {value!r}; fix the value, "
+            "or train without margins with data.*.columns: {margin: null}"
+        )
     return float(value)
+
+
+def row_margins(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> list[float | None]:
+    margins = [row_margin(row, f"{name}: row {index + 1 + row_offset}") for index, row in enumerate(rows)]
+    has_margin = [m is not None for m in margins]
+    if any(has_margin) and not all(has_margin):
+        missing = has_margin.index(False) + 1 + row_offset
+        raise DataError(f"{name}: row {missing}: 'margin' missing while other rows have it")
+    return margins
+
+
+def check_rows(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> None:
+    check_single_shape(rows, name, row_offset)
+    for index, row in enumerate(rows):
+        check_row(row, f"{name}: row {index + 1 + row_offset}")
+    row_margins(rows, name, row_offset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,21 +306,13 @@ def tokenize_pairs(
 ) -> tuple[list[dict[str, Any]], Preflight]:
     """Tokenized pairs `{chosen_ids, rejected_ids, margin?, row}` and what was dropped on the way."""
     stats = Preflight(name=name, read=len(rows))
-    texts = []
-    margins = []
-    for index, row in enumerate(rows):
-        where = f"{name}: row {index + 1 + row_offset}"
-        texts.append(row_texts(row, where, tokenizer, fmt))
-        margins.append(row_margin(row, where))
-    has_margin = [m is not None for m in margins]
-    if any(has_margin) and not all(has_margin):
-        missing = has_margin.index(False) + 1 + row_offset
-        raise DataError(f"{name}: row {missing}: 'margin' missing while other rows have it")
-
+    texts = [row_texts(row, f"{name}: row {index + 1 + row_offset}", tokenizer, fmt) for index, row in enumerate(rows)]
+    margins = row_margins(rows, name, row_offset)
     chosen_ids, rejected_ids = _tokenize(texts, tokenizer, num_proc)
     head, tail = special_token_frame(tokenizer)
     pairs = []
     for index, (chosen, rejected, (_, _, add_special)) in enumerate(zip(chosen_ids, rejected_ids, texts)):
+        stats.longest = max(stats.longest, len(chosen), len(rejected))
         if chosen == rejected:
             stats.identical += 1
             continue
@@ -314,6 +344,8 @@ def tokenize_pairs(
 def _tokenize(texts: list[tuple[str, str, bool]], tokenizer, num_proc: int | None) -> tuple[list, list]:
     import datasets
 
+    if not texts:  # an empty table maps to no columns at all
+        return [], []
     # One shape per file (check_single_shape), so one add_special_tokens flag for all rows.
     add_special = texts[0][2] if texts else True
     table = datasets.Dataset.from_dict({"chosen": [t[0] for t in texts], "rejected": [t[1] for t in texts]})
@@ -353,13 +385,28 @@ def check_single_shape(rows: list[dict[str, Any]], name: str, row_offset: int = 
             )
 
 
+def read_splits(data: DataConfig) -> dict[str, tuple[list[dict[str, Any]], str]]:
+    """Rows and name of data.train and data.eval, read and checked as far as possible without a tokenizer,
+    so that a bad file fails before a model is loaded."""
+    splits = {}
+    for split in ("train", "eval"):
+        source = getattr(data, split)
+        if source is not None:
+            rows, name = read_rows(source)
+            if not rows:
+                raise DataError(f"{split} ({name}): no rows to read; check data.{split}.path, where, skip and limit")
+            check_rows(rows, name, source.skip)
+            splits[split] = (rows, name)
+    return splits
+
+
 def load_pairs(
-    data: DataConfig, tokenizer, fmt: TokenFormat, seed: int
+    data: DataConfig, tokenizer, fmt: TokenFormat, seed: int, splits: dict | None = None
 ) -> tuple[list[dict], list[dict] | None, list[Preflight]]:
-    """Train and eval pairs for a recipe, and their pre-flight statistics."""
+    """Train and eval pairs for a recipe (rows from read_splits), and their pre-flight statistics."""
     assert data.train is not None
-    rows, name = read_rows(data.train)
-    check_single_shape(rows, name, data.train.skip)
+    splits = splits if splits is not None else read_splits(data)
+    rows, name = splits["train"]
     train, train_stats = tokenize_pairs(
         rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.train.skip
     )
@@ -367,8 +414,7 @@ def load_pairs(
     train_stats.name = f"train ({name})"
     eval_pairs = None
     if data.eval is not None:
-        rows, name = read_rows(data.eval)
-        check_single_shape(rows, name, data.eval.skip)
+        rows, name = splits["eval"]
         eval_pairs, eval_stats = tokenize_pairs(
             rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.eval.skip
         )
@@ -392,7 +438,16 @@ def load_pairs(
 def _nothing_left(stats: Preflight, data: DataConfig, split: str) -> str:
     if stats.too_long and stats.too_long + stats.identical == stats.read:
         return (
-            f"{stats.name}: every pair is longer than data.max_length={data.max_length}; "
-            "raise data.max_length or set data.truncation: truncate"
+            f"{stats.name}: every pair is longer than data.max_length={data.max_length} "
+            f"(the longest sequence has {stats.longest:,} tokens); set data.truncation: truncate, "
+            "or raise data.max_length"
         )
-    return f"{stats.name}: no {split} pairs left ({stats.read} read, {stats.identical} identical, {stats.too_long} too long)"
+    if stats.identical == stats.read:
+        return (
+            f"{stats.name}: every pair has chosen identical to rejected ({stats.read} read, all dropped); "
+            "such pairs teach nothing: check the chosen/rejected columns"
+        )
+    return (
+        f"{stats.name}: no {split} pairs left ({stats.read} read, {stats.identical} dropped as chosen == rejected, "
+        f"{stats.too_long} longer than data.max_length={data.max_length})"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,12 @@ def _from_pretrained_kwargs(mc: ModelConfig) -> dict[str, Any]:
 def load_tokenizer(mc: ModelConfig, is_encoder: bool):
     from transformers import AutoTokenizer
 
+    # A bad template file fails before the tokenizer is loaded.
+    chat_template = read_chat_template(mc.chat_template_path) if mc.chat_template_path else None
     kwargs = {k: v for k, v in _from_pretrained_kwargs(mc).items() if k in ("revision", "trust_remote_code", "gguf_file")}
     tokenizer = AutoTokenizer.from_pretrained(mc.name_or_path, **kwargs)
-    if mc.chat_template_path:
-        tokenizer.chat_template = read_chat_template(mc.chat_template_path)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if mc.eos_token:
         if mc.eos_token not in tokenizer.get_vocab():
             raise ModelError(f"model.eos_token: {mc.eos_token!r} is not in the tokenizer's vocabulary")
@@ -72,18 +75,58 @@ def load_tokenizer(mc: ModelConfig, is_encoder: bool):
 def read_chat_template(path: str) -> str:
     source = Path(path)
     if source.is_file():
-        return source.read_text(encoding="utf-8")
+        try:
+            template = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(
+                f"model.chat_template_path: {path} is not UTF-8 text, so neither a Jinja file nor a tokenizer folder"
+            ) from None
+        check_chat_template(template, path)
+        return template
     if source.is_dir():
         from transformers import AutoTokenizer
 
         try:
             template = AutoTokenizer.from_pretrained(str(source)).chat_template
-        except Exception as error:
-            raise ModelError(f"model.chat_template_path: {path} is a folder but not a tokenizer ({error})") from None
+        except Exception:  # transformers raises many types here; what matters is that it found no tokenizer
+            raise ModelError(
+                f"model.chat_template_path: {path} is a folder but holds no tokenizer transformers can load; "
+                "give a Jinja chat template file or a tokenizer folder"
+            ) from None
         if not template:
-            raise ModelError(f"model.chat_template_path: the tokenizer in {path} has no chat template")
+            raise ModelError(
+                f"model.chat_template_path: the tokenizer in {path} has no chat template; give one that has, or a Jinja file"
+            )
         return template
-    raise ModelError(f"model.chat_template_path: {path} is neither a Jinja file nor a tokenizer folder")
+    raise ModelError(f"model.chat_template_path: {path}: no such file or folder (expected a Jinja file or a tokenizer folder)")
+
+
+def check_chat_template(template: str, path: str) -> None:
+    """A Jinja file that compiles the way apply_chat_template compiles it, and renders `messages`."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        try:
+            # The environment apply_chat_template uses (its extensions, e.g. {% generation %}, parse).
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            environment = _compile_jinja_template(template).environment
+        except ImportError:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            environment = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+        variables = jinja2.meta.find_undeclared_variables(environment.parse(template))
+    except jinja2.TemplateSyntaxError as error:
+        raise ModelError(
+            f"model.chat_template_path: {path}: line {error.lineno}: not a valid Jinja template ({error.message}); "
+            "fix the template, or give a tokenizer folder whose chat template to use"
+        ) from None
+    if "messages" not in variables:
+        raise ModelError(
+            f"model.chat_template_path: {path} is not a chat template (it never reads 'messages'); "
+            "give a Jinja chat template file or a tokenizer folder"
+        )
 
 
 def choose_pad_token(tokenizer, requested: str | None, is_encoder: bool) -> str:
@@ -158,14 +201,22 @@ def load_reward_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = _from_pretrained_kwargs(mc)
+    local = Path(mc.name_or_path).expanduser()
     looks_local = mc.name_or_path.startswith((".", "/", "~")) or mc.name_or_path.count("/") > 1
-    if looks_local and not Path(mc.name_or_path).expanduser().is_dir():
-        raise ModelError(f"model.name_or_path: {mc.name_or_path}: no such folder")
+    if looks_local and not local.is_dir():
+        raise ModelError(f"model.name_or_path: {mc.name_or_path}: no such folder; give a local model folder or a Hub id")
+    if mc.gguf_file:
+        check_gguf_file(mc.gguf_file, local if local.is_dir() else None)
     config_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "gguf_file")}
     try:
         config = AutoConfig.from_pretrained(mc.name_or_path, **config_kwargs)
     except (OSError, ValueError) as error:
-        raise ModelError(f"model.name_or_path: cannot load {mc.name_or_path!r}: {_first_line(error)}") from None
+        if local.is_dir():
+            raise ModelError(f"model.name_or_path: cannot load {mc.name_or_path!r}: {_first_line(error)}") from None
+        raise ModelError(
+            f"model.name_or_path: {mc.name_or_path!r} is not a local folder and cannot be fetched from the Hub "
+            f"({_hub_problem(error)}); give a local model folder, or fix the Hub id and make the Hub reachable"
+        ) from None
     is_encoder = is_encoder_config(config)
     tokenizer = load_tokenizer(mc, is_encoder)
 
@@ -197,6 +248,29 @@ def load_reward_model(
     return RewardModel(model, tokenizer, fmt, head_module(model, head_name), head_name)
 
 
+def check_gguf_file(gguf_file: str, folder: Path | None) -> None:
+    # transformers needs the gguf package to read the file; without it the load fails deep inside transformers.
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            f"model.gguf_file: reading {gguf_file} needs the 'gguf' package, which is not installed; "
+            "pip install gguf (or install rmtrain[models]), or give a safetensors model folder instead"
+        )
+    if folder is not None and not (folder / gguf_file).is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ModelError(
+            f"model.gguf_file: {gguf_file} is not in {folder} "
+            f"(.gguf files there: {', '.join(present) if present else 'none'})"
+        )
+
+
+def _hub_problem(error: BaseException) -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline: HF_HUB_OFFLINE is set and it is not in the local cache"
+    return _first_line(error)
+
+
 def apply_lora(model: nn.Module, lora: LoraConfig, head_name: str, gradient_checkpointing: bool) -> nn.Module:
     import peft
 
@@ -204,7 +278,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig, head_name: str, gradient_chec
         model = peft.PeftModel.from_pretrained(model, lora.init_from, is_trainable=True)
     else:
         modules_to_save = lora.modules_to_save if lora.modules_to_save is not None else [head_name]
-        names = {name.split(".")[-1] for name, _ in model.named_modules()}
+        names = {name.split(".")[-1] for name, _ in model.named_modules() if name}
         for key, wanted in (("modules_to_save", modules_to_save), ("target_modules", lora.target_modules)):
             if wanted == "all-linear":
                 continue
@@ -212,7 +286,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig, head_name: str, gradient_chec
             if missing:
                 raise ModelError(
                     f"lora.{key}: {', '.join(missing)} names no module of {type(model).__name__} "
-                    f"(some module names: {', '.join(sorted(names)[:12])})"
+                    f"(some module names: {', '.join(sorted(n for n in names if not n.isdigit())[:12])})"
                 )
         config = peft.LoraConfig(
             task_type=peft.TaskType.SEQ_CLS,

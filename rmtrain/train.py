@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import torch
 
 from rmtrain.config import Recipe, dump_recipe
 from rmtrain.batching import choose_layout, make_dataloader, token_counts
-from rmtrain.data import load_pairs
+from rmtrain.data import load_pairs, read_splits
 from rmtrain.evaluate import first_occurrences, gather_pairs, score_pairs
 from rmtrain.log import RunLog, Throughput, truncate_metrics_file
 from rmtrain.loss import pair_stats, reward_loss
@@ -34,6 +36,10 @@ class NonFiniteLossError(RuntimeError):
     """`train.max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+class ResourceError(ValueError):
+    """The machine cannot do what the recipe asks: out of memory, disk full, no bf16."""
+
+
 def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
@@ -42,7 +48,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     t = recipe.train
     out = Path(t.output_dir)
     keep_freed_memory_for_reuse()
-    bf16 = t.bf16 if t.bf16 is not None else torch.cuda.is_available()
+    bf16 = choose_bf16(t.bf16)
     accelerator = Accelerator(
         # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
         # them one gloo group (MULTI_CPU) instead of N independent runs writing the same folder.
@@ -62,8 +68,9 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     # Model, data ------------------------------------------------------------------------------
     set_seed(t.seed)
+    data_rows = read_splits(recipe.data)  # a bad data file fails before the model loads
     rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing)
-    train_pairs, eval_pairs, preflight = load_pairs(recipe.data, rm.tokenizer, rm.fmt, t.seed)
+    train_pairs, eval_pairs, preflight = load_pairs(recipe.data, rm.tokenizer, rm.fmt, t.seed, data_rows)
     for stats in preflight:
         log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
     if is_main:
@@ -146,6 +153,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     speed = Throughput()
     real_tokens = computed_tokens = 0  # this process's, summed across processes when logged
     last_eval: dict[str, float] | None = None
+    batch: dict[str, torch.Tensor] | None = None  # the current pass, named by an out-of-memory error
     model.train()
     log.start_progress(total_steps, completed=step)
     speed.resume()
@@ -164,6 +172,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     # the global batch, even when a short last batch splits unevenly across processes.
                     global_pairs = sum_over_processes(accelerator, sum(len(micro["row"]) for micro in micro_batches))
                     for i, micro in enumerate(micro_batches):
+                        batch = micro
                         # Gradients are all-reduced once per batch, on its last pass.
                         last_pass = i == len(micro_batches) - 1
                         with contextlib.nullcontext() if last_pass else accelerator.no_sync(model):
@@ -247,6 +256,10 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     raise SystemExit(128 + stop.signum)
             else:
                 epoch, batches_done = epoch + 1, 0
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise ResourceError(out_of_memory_message(batch, t, step)) from None
     finally:
         stop.restore()
         log.stop_progress()
@@ -369,6 +382,53 @@ def nonfinite_message(limit: int, step: int, rows: list[int], recipe: Recipe, ou
     )
 
 
+def choose_bf16(requested: bool | None) -> bool:
+    """null: bf16 where the device supports it (CUDA); true on a device without bf16 is an error, not a
+    silent fallback, so a run never trains in a precision other than the one asked for."""
+    from accelerate.utils import is_bf16_available
+
+    if requested is None:
+        return torch.cuda.is_available() and is_bf16_available()
+    if requested and not is_bf16_available():
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
+        raise ResourceError(
+            f"train.bf16: true, but {device} does not support bf16; set train.bf16: false (fp32), "
+            "or null to use bf16 only where it is supported"
+        )
+    return requested
+
+
+# How the CPU allocator words it (CUDA raises torch.OutOfMemoryError).
+CPU_OUT_OF_MEMORY = ("out of memory", "DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(text in str(error) for text in CPU_OUT_OF_MEMORY)
+
+
+def out_of_memory_message(batch: dict | None, t, step: int) -> str:
+    if batch is None:
+        return (
+            f"out of memory before the first forward pass ran (train.per_device_batch_size: {t.per_device_batch_size}); "
+            "lower train.per_device_batch_size or data.max_length"
+        )
+    pairs = len(batch["row"])
+    rows, width = batch["input_ids"].shape
+    tokens = rows * width
+    where = (
+        f"out of memory at step {step + 1} in a forward/backward pass of {pairs} pair(s), {tokens:,} tokens "
+        f"({rows} rows x {width}; train.per_device_batch_size: {t.per_device_batch_size}, "
+        f"train.max_tokens_per_forward: {t.max_tokens_per_forward})"
+    )
+    if pairs == 1:
+        return f"{where}; a single pair does not fit: lower data.max_length or set train.gradient_checkpointing: true"
+    return (
+        f"{where}; set train.max_tokens_per_forward below {tokens} (same gradient, smaller passes), or lower "
+        f"train.per_device_batch_size and raise train.gradient_accumulation_steps to keep "
+        f"{t.per_device_batch_size * t.gradient_accumulation_steps} pairs per step"
+    )
+
+
 def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> Path | None:
     """Refuse to clobber anything; return the checkpoint to resume from (or None). Changes nothing on disk."""
     is_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
@@ -381,8 +441,13 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> P
     if out.is_dir() and not is_run and any(out.iterdir()):
         raise RunDirError(f"train.output_dir: {out} is not empty and holds no rmtrain run; choose another folder")
     existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"train.output_dir: {out} is not writable (no write permission on {existing})")
+    try:  # a real write: os.access says yes to root even where nothing can be created
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise RunDirError(
+            f"train.output_dir: {out} is not writable ({error.strerror} in {existing}); choose a folder you can write to"
+        ) from None
     checkpoint = latest_checkpoint(out, log) if resume else None
     if resume and checkpoint is None:
         log.info(f"--resume: no complete checkpoint in {out / 'checkpoints'}, starting from scratch")
@@ -434,11 +499,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "skipped_steps": skipped_steps}
+            (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
+    except Exception as error:
+        raise_if_write_failed(error, f"checkpoint-{step}", tmp, out)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "skipped_steps": skipped_steps}
-        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if limit:
@@ -466,8 +536,12 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     max_length = recipe.data.max_length
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp)
-    shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
+    try:
+        save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp)
+        shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
+    except Exception as error:
+        raise_if_write_failed(error, "the final model", tmp, out)
+        raise
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
@@ -475,7 +549,41 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
         merged_tmp = out / ".merged.tmp"
         shutil.rmtree(merged_tmp, ignore_errors=True)
         # Sharded parameters cannot be merged in place: merge the adapter just written, from disk.
-        merged = load_saved(out)[0].model.merge_and_unload() if sharded else merged_copy(unwrapped)
-        save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
+        try:
+            merged = load_saved(out)[0].model.merge_and_unload() if sharded else merged_copy(unwrapped)
+            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
+        except Exception as error:
+            raise_if_write_failed(error, "the merged model", merged_tmp, out)
+            raise
         shutil.rmtree(out / "merged", ignore_errors=True)
         os.replace(merged_tmp, out / "merged")
+
+
+# Write failures as torch.save (RuntimeError), safetensors (SafetensorError) and plain Python (OSError) report them.
+WRITE_FAILURES = ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded", "file write failed")
+
+
+def raise_if_write_failed(error: BaseException, what: str, tmp: Path, out: Path) -> None:
+    """A save that failed for lack of space (or any OS write error) becomes one clear line; the partial
+    folder is removed, and the newest complete checkpoint, which was never touched, is named."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    elif any(pattern in str(error) for pattern in WRITE_FAILURES):
+        reason, full = _first_line(error), True
+    else:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(out)
+    fix = "free space" if full else "fix the folder"
+    kept = (
+        f"the newest complete checkpoint {previous} is intact: {fix} and run again with --resume"
+        if previous is not None
+        else f"no checkpoint was written before it: {fix} and run again"
+    )
+    raise ResourceError(f"train.output_dir: could not write {what} in {out} ({reason}); {kept}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

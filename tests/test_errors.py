@@ -1,0 +1,560 @@
+"""Bad input gets one clear line, never a traceback or a lost run: every case of issue 6 through the CLI.
+
+CASES is the one table: test_user_error runs each case and checks exit status 2, the `error:` line(s)
+naming the file / YAML key / row with what was expected and how to fix it, no traceback, and what is on
+disk afterwards. test_errors_doc_is_current renders the messages the cases printed into docs/errors.md
+and fails when that file differs (RMTRAIN_UPDATE_ERRORS_DOC=1 rewrites it), so the doc cannot drift.
+
+How a case runs (the `runner` column):
+- "process": `python -m rmtrain` in a fresh process. Recipe errors are reported before torch is imported,
+  so these cost well under a second each.
+- "in-process": the same Typer app (rmtrain.cli.app) through typer's CliRunner, in this process. Every
+  case past the recipe check imports torch/transformers, about 7 s of CPU per fresh process, and some need
+  a monkeypatch (a failing allocation, a full disk, a blocked import). An exception escaping the CLI is
+  turned into the traceback a fresh process would print, so "no traceback" is checked the same way.
+  (tests/test_cli.py runs a data error in a fresh process with and without --debug.)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, rmtrain_cli
+
+DOC = ROOT / "docs" / "errors.md"
+GOOD_ROWS = [
+    {"prompt": "Q: What colour is the sky? A:", "chosen": " Blue.", "rejected": " Green, obviously."},
+    {"prompt": "Q: What is 2 + 2? A:", "chosen": " 4.", "rejected": " 5."},
+    {"prompt": "Q: Name a fruit. A:", "chosen": " An apple.", "rejected": " A chair."},
+    {"prompt": "Q: Say hello. A:", "chosen": " Hello!", "rejected": " Go away."},
+]
+USER = {"role": "user", "content": "Name a colour."}
+
+
+def answer(text: str) -> list[dict]:
+    return [USER, {"role": "assistant", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a case gets to build its input.
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    models: dict[str, str]
+    """tiny-qwen3, tiny-qwen3-no-template, smollm2 (folder), smollm2-gguf (file name)."""
+    before: dict | None = None
+    """snapshot() of the output folder before the run, for cases that must leave it untouched."""
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "run"
+
+    def data(self, rows: list | None = None, name: str = "pairs.jsonl", text: str | bytes | None = None) -> Path:
+        path = self.tmp / name
+        if text is None:
+            text = "".join(json.dumps(row) + "\n" for row in (GOOD_ROWS if rows is None else rows))
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        return path
+
+    def fit(self, *args: str, rows: list | None = None, text: str | bytes | None = None, **sections: dict | None) -> list[str]:
+        """`fit recipe.yaml`: a 1-step tiny Qwen3 run on pairs.jsonl (GOOD_ROWS, or `rows`, or `text`), with
+        `sections` merged over the recipe."""
+        tree: dict = {
+            "model": {"name_or_path": self.models["tiny-qwen3"]},
+            "data": {"train": {"path": str(self.tmp / "pairs.jsonl")}, "max_length": 64},
+            "train": {
+                "output_dir": str(self.out),
+                "per_device_batch_size": 2,
+                "max_steps": 1,
+                "logging_steps": 1,
+                "gradient_checkpointing": False,
+            },
+        }
+        for section, values in sections.items():
+            if values is None or section not in tree:
+                tree[section] = values
+            else:
+                tree[section].update(values)
+        if rows is not None or text is not None or not (self.tmp / "pairs.jsonl").exists():
+            self.data(rows, text=text)
+        recipe = self.tmp / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(tree, sort_keys=False))
+        return ["fit", str(recipe), *args]
+
+    def recipe_text(self, text: str) -> list[str]:
+        recipe = self.tmp / "recipe.yaml"
+        recipe.write_text(text)
+        return ["fit", str(recipe)]
+
+
+@dataclass
+class Case:
+    id: str
+    section: str
+    input: str
+    """The bad input, as docs/errors.md shows it."""
+    setup: Callable[[Ctx], list[str]]
+    """Writes the files, returns the CLI arguments."""
+    expect: list[str]
+    """One fragment per `error:` line (status 2), or fragments of the stderr of a run that handles it (status 0)."""
+    runner: str = "in-process"
+    status: int = 2
+    why_lines: str = ""
+    """Why a case prints more than one `error:` line."""
+    patch: Callable[[Ctx, pytest.MonkeyPatch], None] | None = None
+    """What the machine does wrong in this case (in-process only)."""
+    check: Callable[[Ctx], None] | None = None
+    """The state on disk afterwards. Without it, a failing case must not have created the run folder."""
+    max_seconds: float | None = None
+
+
+MINIMAL = """\
+model: {name_or_path: some/model}
+data: {train: {path: pairs.jsonl}}
+train: {output_dir: out}
+"""
+
+TEN_MB = ("The quick brown fox jumps over the lazy dog. " * 230_000)[:10_000_000]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases that need more than a file.
+
+
+def block_gguf_import(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules is how Python marks a module that must not import: `import gguf` raises
+    # ModuleNotFoundError and importlib.util.find_spec("gguf") answers None, as without the package.
+    monkeypatch.setitem(sys.modules, "gguf", None)
+
+
+def no_bf16_device(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulated: this machine's CPU supports bf16 autocast, so accelerate's answer is made "no".
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_bf16_available", lambda *a, **k: False)
+
+
+def allocation_fails_in_forward(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import Qwen3ForSequenceClassification
+
+    real_forward = Qwen3ForSequenceClassification.forward
+
+    def forward(self, *args, **kwargs):
+        # A real allocator failure: 4 EiB is more than any machine has, whatever its overcommit setting.
+        torch.empty(1 << 62, dtype=torch.uint8)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen3ForSequenceClassification, "forward", forward)
+
+
+def disk_fills_during_second_checkpoint(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if ".checkpoint-2.tmp" in str(f):
+            # What a full disk does: part of the file is written, then the write fails with ENOSPC.
+            Path(f).write_bytes(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def disk_fills_during_final_save(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtrain.train
+
+    def save_model_folder(model, state_dict, tokenizer, fmt, max_length, directory):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 1024)  # part written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
+
+    monkeypatch.setattr(rmtrain.train, "save_model_folder", save_model_folder)
+
+
+def final_save_left_nothing_half_written(ctx: Ctx) -> None:
+    from rmtrain.train import latest_checkpoint
+
+    assert not (ctx.out / ".final.tmp").exists() and not (ctx.out / "model.safetensors").exists()
+    assert not (ctx.out / "run_info.json").exists()  # the run is not marked complete
+    assert latest_checkpoint(ctx.out) == ctx.out / "checkpoints" / "checkpoint-1"
+
+
+def previous_checkpoint_intact(ctx: Ctx) -> None:
+    from rmtrain.train import STATE_FILE, latest_checkpoint
+
+    root = ctx.out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1"]  # the partial .checkpoint-2.tmp is gone
+    assert latest_checkpoint(ctx.out) == root / "checkpoint-1"  # what --resume continues from
+    state = json.loads((root / "checkpoint-1" / STATE_FILE).read_text())
+    assert state["step"] == 1
+    assert (root / "checkpoint-1" / "model.safetensors").stat().st_size > 0
+    assert (root / "checkpoint-1" / "optimizer.bin").stat().st_size > 0
+
+
+def completed(ctx: Ctx) -> None:
+    assert json.loads((ctx.out / "run_info.json").read_text())["complete"]
+
+
+def not_completed(ctx: Ctx) -> None:
+    assert ctx.out.is_dir() and not (ctx.out / "run_info.json").exists() and not (ctx.out / "model.safetensors").exists()
+
+
+def nothing_created_in_sys(ctx: Ctx) -> None:
+    assert not Path("/sys/rmtrain-run").exists()
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file and folder under `folder` with its mtime and content."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else "dir")
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def existing_run(ctx: Ctx) -> list[str]:
+    (ctx.out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (ctx.out / "checkpoints" / "checkpoint-2" / "training_state.json").write_text('{"step": 2}\n')
+    (ctx.out / "recipe.yaml").write_text("from: the old run\n")
+    (ctx.out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (ctx.out / "model.safetensors").write_bytes(b"weights of the old run")
+    ctx.before = snapshot(ctx.out)
+    return ctx.fit()
+
+
+def foreign_folder(ctx: Ctx) -> list[str]:
+    ctx.out.mkdir()
+    (ctx.out / "notes.txt").write_text("my notes")
+    (ctx.out / "config.json").write_text('{"mine": true}\n')
+    ctx.before = snapshot(ctx.out)
+    return ctx.fit()
+
+
+def untouched(ctx: Ctx) -> None:
+    assert ctx.before and snapshot(ctx.out) == ctx.before
+
+
+def empty_template_folder(ctx: Ctx) -> list[str]:
+    folder = ctx.tmp / "not-a-tokenizer"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("just notes")
+    return ctx.fit(model={"chat_template_path": str(folder)})
+
+
+# --------------------------------------------------------------------------------------------------
+# The table.
+
+CASES = [
+    # Recipe ---------------------------------------------------------------------------------------
+    Case("recipe-file-missing", "Recipe", "`rmtrain fit` on a recipe path that does not exist",
+         lambda c: ["fit", str(c.tmp / "nowhere.yaml")], ["<tmp>/nowhere.yaml: no such file"], runner="process"),
+    Case("yaml-syntax-error", "Recipe", "a YAML syntax error (a mis-indented key)",
+         lambda c: c.recipe_text("model:\n  name_or_path: x\n train: [\n"),
+         ["<tmp>/recipe.yaml: YAML syntax error at line 3, column 2: expected <block end>, but found '<block mapping start>'; "
+          "check the indentation, colons and brackets there"], runner="process"),
+    Case("unknown-key", "Recipe", "`train.lerning_rate: 3e-5` (misspelt key)",
+         lambda c: c.recipe_text(MINIMAL.replace("output_dir: out", "output_dir: out, lerning_rate: 3e-5")),
+         ["<tmp>/recipe.yaml: train.lerning_rate: unknown key (did you mean 'learning_rate'?)"], runner="process"),
+    Case("wrong-type", "Recipe", "`train.num_epochs: two`",
+         lambda c: c.recipe_text(MINIMAL.replace("output_dir: out", "output_dir: out, num_epochs: two")),
+         ["<tmp>/recipe.yaml: train.num_epochs: expected float, got str 'two'"], runner="process"),
+    Case("impossible-values", "Recipe", "negative `learning_rate`, `per_device_batch_size: 0`, `lora.r: 0`, `max_length: 4`",
+         lambda c: c.recipe_text(
+             "model: {name_or_path: some/model}\ndata: {train: {path: pairs.jsonl}, max_length: 4}\nlora: {r: 0}\n"
+             "train: {output_dir: out, learning_rate: -1e-4, per_device_batch_size: 0}\n"),
+         ["<tmp>/recipe.yaml: data.max_length: must be at least 8, got 4",
+          "<tmp>/recipe.yaml: lora.r: must be >= 1, got 0",
+          "<tmp>/recipe.yaml: train.learning_rate: must be > 0, got -0.0001",
+          "<tmp>/recipe.yaml: train.per_device_batch_size: must be >= 1, got 0"],
+         runner="process", why_lines="the recipe check lists every problem at once, one line each"),
+    Case("missing-required-key", "Recipe", "no `model.name_or_path`",
+         lambda c: c.recipe_text(MINIMAL.replace("model: {name_or_path: some/model}", "model: {trust_remote_code: false}")),
+         ["<tmp>/recipe.yaml: model.name_or_path: required (a Hub id or a local model folder)"], runner="process"),
+    # Model ----------------------------------------------------------------------------------------
+    Case("model-folder-missing", "Model", "`model.name_or_path` a local folder that does not exist",
+         lambda c: c.fit(model={"name_or_path": str(c.tmp / "no-such-model")}),
+         ["model.name_or_path: <tmp>/no-such-model: no such folder; give a local model folder or a Hub id"]),
+    Case("model-hub-unreachable", "Model", "`model.name_or_path: someone/no-such-model`, offline (`HF_HUB_OFFLINE=1`)",
+         lambda c: c.fit(model={"name_or_path": "someone/no-such-model"}),
+         ["model.name_or_path: 'someone/no-such-model' is not a local folder and cannot be fetched from the Hub "
+          "(offline: HF_HUB_OFFLINE is set and it is not in the local cache); give a local model folder"]),
+    Case("gguf-without-package", "Model", "`model.gguf_file` while the `gguf` package cannot be imported",
+         lambda c: c.fit(model={"name_or_path": c.models["smollm2"], "gguf_file": c.models["smollm2-gguf"]}),
+         ["model.gguf_file: reading SmolLM2-135M-Instruct.Q4_1.gguf needs the 'gguf' package, which is not installed; "
+          "pip install gguf"], patch=block_gguf_import),
+    Case("gguf-file-missing", "Model", "`model.gguf_file` naming no file of the model folder",
+         lambda c: c.fit(model={"gguf_file": "model.Q4.gguf"}),
+         ["model.gguf_file: model.Q4.gguf is not in <tiny-qwen3> (.gguf files there: none)"]),
+    Case("lora-target-modules", "Model", "`lora.target_modules: [q_prj]` (no such module)",
+         lambda c: c.fit(lora={"target_modules": ["q_prj"]}),
+         ["lora.target_modules: q_prj names no module of Qwen3ForSequenceClassification (some module names: "]),
+    Case("lora-modules-to-save", "Model", "`lora.modules_to_save: [head]` (no such module)",
+         lambda c: c.fit(lora={"modules_to_save": ["head"]}),
+         ["lora.modules_to_save: head names no module of Qwen3ForSequenceClassification"]),
+    Case("chat-template-not-a-template", "Model", "`model.chat_template_path` a text file that never reads `messages`",
+         lambda c: c.fit(model={"chat_template_path": str(c.data(name="notes.txt", text="Hello {{ name }}\n"))}),
+         ["model.chat_template_path: <tmp>/notes.txt is not a chat template (it never reads 'messages'); "
+          "give a Jinja chat template file or a tokenizer folder"]),
+    Case("chat-template-syntax-error", "Model", "`model.chat_template_path` a Jinja file with an unclosed `{% for %}`",
+         lambda c: c.fit(model={"chat_template_path": str(c.data(
+             name="template.jinja", text="{% for m in messages %}\n{{ m.content }}\n"))}),
+         ["model.chat_template_path: <tmp>/template.jinja: line 2: not a valid Jinja template (Unexpected end of template."]),
+    Case("chat-template-folder-not-tokenizer", "Model", "`model.chat_template_path` a folder without a tokenizer",
+         empty_template_folder,
+         ["model.chat_template_path: <tmp>/not-a-tokenizer is a folder but holds no tokenizer transformers can load"]),
+    Case("bf16-unsupported", "Model", "`train.bf16: true` where the device has no bf16 (simulated: this CPU has it)",
+         lambda c: c.fit(train={"bf16": True}),
+         ["train.bf16: true, but this device does not support bf16; set train.bf16: false (fp32), "
+          "or null to use bf16 only where it is supported"], patch=no_bf16_device),
+    # Data -----------------------------------------------------------------------------------------
+    Case("data-file-missing", "Data", "`data.train.path` a file that does not exist",
+         lambda c: c.fit(data={"train": {"path": str(c.tmp / "missing.jsonl")}}),
+         ["<tmp>/missing.jsonl: no such file or folder"]),
+    Case("data-unsupported-extension", "Data", "`data.train.path: pairs.txt`",
+         lambda c: c.fit(data={"train": {"path": str(c.data(name="pairs.txt"))}}),
+         ["<tmp>/pairs.txt: unsupported file type '.txt', expected .jsonl, .json, .parquet or .csv"]),
+    Case("data-invalid-json-line", "Data", "a JSON lines file whose line 2 is cut short",
+         lambda c: c.fit(text=json.dumps(GOOD_ROWS[0]) + '\n{"prompt": "Hi", "chosen": " hello",\n'),
+         ["<tmp>/pairs.jsonl: line 2: invalid JSON: Expecting property name enclosed in double quotes (column 37); "
+          "JSON lines need one complete JSON object per line"]),
+    Case("data-missing-rejected", "Data", "a row without `rejected`",
+         lambda c: c.fit(rows=[GOOD_ROWS[0], {"prompt": "Hi", "chosen": "Hello"}]),
+         ["<tmp>/pairs.jsonl: row 2: missing 'rejected' (columns present: chosen, prompt; map yours with data.*.columns)"]),
+    Case("data-mixed-shapes", "Data", "row 1 holds strings, row 2 message lists",
+         lambda c: c.fit(rows=[{"chosen": "Blue.", "rejected": "No."}, {"chosen": answer("Blue."), "rejected": answer("No.")}]),
+         ["<tmp>/pairs.jsonl: row 2: is conversational (message lists) but row 1 is standard (strings); use one shape per file"]),
+    Case("data-message-without-role", "Data", "a message without `role`",
+         lambda c: c.fit(rows=[{"chosen": [{"content": "Blue."}], "rejected": answer("No.")}]),
+         ["<tmp>/pairs.jsonl: row 1: chosen: message 0 must be an object with 'role' and 'content', got keys content"]),
+    Case("data-unknown-role", "Data", "a message with `role: robot`",
+         lambda c: c.fit(rows=[{"chosen": [{"role": "robot", "content": "Blue."}], "rejected": answer("No.")}]),
+         ["<tmp>/pairs.jsonl: row 1: chosen: message 0 has unknown role 'robot' (expected one of assistant, developer, system, tool, user)"]),
+    Case("data-empty-string", "Data", "`chosen: \"\"`",
+         lambda c: c.fit(rows=[GOOD_ROWS[0], {"prompt": "Hi", "chosen": "", "rejected": "Go away."}]),
+         ["<tmp>/pairs.jsonl: row 2: empty chosen text; fill it in or remove the row"]),
+    Case("data-identical-pairs-counted", "Data", "one pair with chosen == rejected among good ones (dropped and counted)",
+         lambda c: c.fit(rows=GOOD_ROWS + [{"prompt": "Hi", "chosen": " Same.", "rejected": " Same."}]),
+         ["5 pairs read, 4 kept, 0 dropped (longer than 64 tokens), 1 dropped (chosen == rejected)"], status=0,
+         check=completed),
+    Case("data-all-identical", "Data", "every pair has chosen == rejected",
+         lambda c: c.fit(rows=[{"prompt": "Hi", "chosen": " Same.", "rejected": " Same."}] * 2),
+         ["train (<tmp>/pairs.jsonl): every pair has chosen identical to rejected (2 read, all dropped); "
+          "such pairs teach nothing: check the chosen/rejected columns"]),
+    Case("data-not-utf8", "Data", "a Latin-1 byte (0xe9) on line 2",
+         lambda c: c.fit(text=(json.dumps(GOOD_ROWS[0]) + "\n").encode() + b'{"chosen": "caf\xe9", "rejected": "tea"}\n'),
+         ["<tmp>/pairs.jsonl: line 2: not UTF-8 text (byte 113); re-encode the file as UTF-8"]),
+    Case("data-10mb-row", "Data", "one 10 MB row among good ones (dropped and counted, in seconds)",
+         lambda c: c.fit(rows=GOOD_ROWS + [{"prompt": "Q:", "chosen": TEN_MB, "rejected": " No."}]),
+         ["5 pairs read, 4 kept, 1 dropped (longer than 64 tokens)"], status=0, check=completed, max_seconds=120),
+    Case("data-10mb-row-truncate", "Data", "the same with `data.truncation: truncate` (the row is cut to its last tokens and kept)",
+         lambda c: c.fit(rows=GOOD_ROWS + [{"prompt": "Q:", "chosen": TEN_MB, "rejected": " No."}], data={"truncation": "truncate"}),
+         ["5 pairs read, 5 kept, 1 truncated to 64 tokens"], status=0, check=completed, max_seconds=120),
+    Case("data-chat-without-template", "Data", "conversational rows, a tokenizer without a chat template, no `chat_template_path`",
+         lambda c: c.fit(rows=[{"chosen": answer("Blue."), "rejected": answer("No.")}],
+             model={"name_or_path": c.models["tiny-qwen3-no-template"]}),
+         ["<tmp>/pairs.jsonl: row 1: conversational rows need a chat template, and the tokenizer has none; "
+          "set model.chat_template_path to a Jinja file or a tokenizer folder"]),
+    Case("data-all-too-long", "Data", "every pair longer than `data.max_length: 8` (truncation: filter)",
+         lambda c: c.fit(data={"max_length": 8}),
+         ["train (<tmp>/pairs.jsonl): every pair is longer than data.max_length=8 (the longest sequence has 16 tokens); "
+          "set data.truncation: truncate, or raise data.max_length"]),
+    Case("data-margin-not-numeric", "Data", "`margin: \"big\"` in row 2",
+         lambda c: c.fit(rows=[{**GOOD_ROWS[0], "margin": 1.0}, {**GOOD_ROWS[1], "margin": "big"}]),
+         ["<tmp>/pairs.jsonl: row 2: 'margin' must be a finite number, got 'big'; fix the value, "
+          "or train without margins with data.*.columns: {margin: null}"]),
+    Case("data-eval-empty", "Data", "`data.eval.path` an empty file",
+         lambda c: c.fit(data={"eval": {"path": str(c.data([], name="eval.jsonl"))}}),
+         ["eval (<tmp>/eval.jsonl): no rows to read; check data.eval.path, where, skip and limit"]),
+    Case("data-eval-all-dropped", "Data", "`data.eval` whose every pair is longer than `max_length` (truncation: filter)",
+         lambda c: c.fit(data={"eval": {"path": str(c.data(
+             [{"prompt": "Q: " + "why " * 80, "chosen": " Because.", "rejected": " No."}], name="eval.jsonl"))}}),
+         ["eval (<tmp>/eval.jsonl): every pair is longer than data.max_length=64 (the longest sequence has "]),
+    # Runtime --------------------------------------------------------------------------------------
+    Case("out-of-memory-first-step", "Runtime", "the first forward pass cannot allocate its memory (a real allocator failure, injected into the model's forward)",
+         lambda c: c.fit(),
+         ["out of memory at step 1 in a forward/backward pass of 2 pair(s), 32 tokens (2 rows x 16; "
+          "train.per_device_batch_size: 2, train.max_tokens_per_forward: 4096); set train.max_tokens_per_forward "
+          "below 32 (same gradient, smaller passes), or lower train.per_device_batch_size and raise "
+          "train.gradient_accumulation_steps to keep 2 pairs per step"],
+         patch=allocation_fails_in_forward, check=not_completed),
+    Case("disk-full-checkpoint", "Runtime", "the disk fills while checkpoint-2 is written (`save_steps: 1`; simulated: torch.save writes 1 KiB, then fails with ENOSPC)",
+         lambda c: c.fit(train={"max_steps": 3, "save_steps": 1}),
+         ["train.output_dir: could not write checkpoint-2 in <tmp>/run (No space left on device); the newest complete "
+          "checkpoint <tmp>/run/checkpoints/checkpoint-1 is intact: free space and run again with --resume"],
+         patch=disk_fills_during_second_checkpoint, check=previous_checkpoint_intact),
+    Case("disk-full-final-save", "Runtime", "the disk fills while the final model is written (simulated as above)",
+         lambda c: c.fit(train={"max_steps": 2, "save_steps": 1}),
+         ["train.output_dir: could not write the final model in <tmp>/run (No space left on device); the newest complete "
+          "checkpoint <tmp>/run/checkpoints/checkpoint-1 is intact: free space and run again with --resume"],
+         patch=disk_fills_during_final_save, check=final_save_left_nothing_half_written),
+    Case("output-dir-not-writable", "Runtime", "`train.output_dir: /sys/rmtrain-run` (nothing can be created there, even as root)",
+         lambda c: c.fit(train={"output_dir": "/sys/rmtrain-run"}),
+         ["train.output_dir: /sys/rmtrain-run is not writable (Permission denied in /sys); choose a folder you can write to"],
+         check=nothing_created_in_sys),
+    Case("output-dir-holds-a-run", "Runtime", "`train.output_dir` holds an earlier run, no `--resume`/`--overwrite`",
+         existing_run,
+         ["train.output_dir: <tmp>/run already holds a run; pass --resume to continue it or --overwrite to replace it"],
+         check=untouched),
+    Case("output-dir-foreign-files", "Runtime", "`train.output_dir` a non-empty folder that is not a run",
+         foreign_folder,
+         ["train.output_dir: <tmp>/run is not empty and holds no rmtrain run; choose another folder"],
+         check=untouched),
+]
+
+OBSERVED: dict[str, tuple[int, list[str]]] = {}
+"""case id -> (exit status, the lines the doc shows), filled by test_user_error for the doc test."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a case.
+
+
+@pytest.fixture(scope="module")
+def models(tiny_qwen3, smollm2, tmp_path_factory) -> dict[str, str]:
+    # The tiny Qwen3 without its chat template file (the files are links, so this costs nothing).
+    bare = tmp_path_factory.mktemp("models") / "tiny-qwen3-no-template"
+    bare.mkdir()
+    for item in Path(tiny_qwen3).iterdir():
+        if item.name != "chat_template.jinja":
+            (bare / item.name).symlink_to(item)
+    assert "chat_template" not in (bare / "tokenizer_config.json").read_text()
+    return {"tiny-qwen3": tiny_qwen3, "tiny-qwen3-no-template": str(bare), "smollm2": smollm2[0], "smollm2-gguf": smollm2[1]}
+
+
+def run_in_process(args: list[str]) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from rmtrain.cli import app
+
+    result = CliRunner().invoke(app, args, prog_name="rmtrain")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))  # what Python prints when it escapes
+    return result.exit_code, stderr
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process fit starts from a clean Accelerate state, as a fresh process would."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def normalise(text: str, ctx: Ctx) -> str:
+    replacements = {str(ctx.tmp): "<tmp>", ctx.models["tiny-qwen3-no-template"]: "<tiny-qwen3-no-template>",
+                    ctx.models["tiny-qwen3"]: "<tiny-qwen3>", ctx.models["smollm2"]: "<smollm2>", str(ROOT): "<repo>"}
+    for path in sorted(replacements, key=len, reverse=True):
+        text = text.replace(path, replacements[path])
+    return text
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_user_error(case: Case, tmp_path, models, monkeypatch, fresh_accelerate_state):
+    ctx = Ctx(tmp_path, models)
+    args = case.setup(ctx)
+    start = time.monotonic()
+    if case.runner == "process":
+        assert case.patch is None, "a patch only reaches an in-process run"
+        result = rmtrain_cli(*args, timeout=120)  # from the repository root: this checkout's rmtrain
+        status, stderr = result.returncode, result.stderr
+    else:
+        monkeypatch.setenv("COLUMNS", "1000")  # console lines unwrapped
+        if case.patch is not None:
+            case.patch(ctx, monkeypatch)
+        status, stderr = run_in_process(args)
+        monkeypatch.undo()
+    seconds = time.monotonic() - start
+    stderr = normalise(stderr, ctx)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if case.status == 0:
+        shown = [line for line in stderr.splitlines() if any(fragment in line for fragment in case.expect)]
+    else:
+        shown = errors
+    OBSERVED[case.id] = (status, shown)
+
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert status == case.status, stderr[-3000:]
+    if case.status == 0:
+        assert errors == [], stderr[-3000:]
+        assert len(shown) == len(case.expect), stderr[-3000:]
+    else:
+        assert len(errors) == len(case.expect), (case.why_lines, stderr[-3000:])
+        assert (len(errors) > 1) == bool(case.why_lines)
+        for fragment in case.expect:
+            assert sum(fragment in line for line in errors) == 1, (fragment, errors)
+    if case.max_seconds is not None:
+        assert seconds < case.max_seconds, f"took {seconds:.0f} s"
+    if case.check is not None:
+        case.check(ctx)
+    else:
+        assert not ctx.out.exists(), "a failed run must not start its output folder"
+
+
+# --------------------------------------------------------------------------------------------------
+# docs/errors.md, rendered from what the cases printed.
+
+
+def render_doc() -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    out = [
+        "# Errors",
+        "",
+        "<!-- Generated by tests/test_errors.py from what rmtrain printed; do not edit. "
+        "RMTRAIN_UPDATE_ERRORS_DOC=1 pytest tests/test_errors.py rewrites it. -->",
+        "",
+        "Every bad input ends `rmtrain fit` with exit status 2 and one `error:` line on stderr that names the "
+        "file, YAML key or row, what was expected and how to fix it; `--debug` shows the Python traceback instead. "
+        "Nothing already on disk is lost: a refused output folder is left untouched, and a save that fails "
+        "leaves the previous checkpoint complete. The lines below are what each case of `tests/test_errors.py` "
+        "printed (`<tmp>` stands for the test's folder, `<tiny-qwen3>` for the tiny test model). Cases with "
+        "exit status 0 are handled, not refused: the line shown is the pre-flight line that counts them. "
+        "`run` says how the test ran the CLI: `process` is `python -m rmtrain` in a fresh process, `in-process` "
+        "the same Typer app inside the test process (cases past the recipe check, which import torch, and cases "
+        "that make the machine fail on purpose).",
+        "",
+        "`train.bf16: true` on a device without bf16 support is an error rather than a silent fallback to fp32; "
+        "`train.bf16: null` (the default) uses bf16 only where it is supported. torch supports bf16 autocast on "
+        "every CPU, so `bf16: true` on a CPU runs in bf16.",
+    ]
+    for section in dict.fromkeys(c.section for c in CASES):
+        out += ["", f"## {section}", "", "| case | input | run | exit | message |", "|---|---|---|---|---|"]
+        for case in (c for c in CASES if c.section == section):
+            status, lines = OBSERVED[case.id]
+            message = "<br>".join(f"`{cell(line)}`" for line in lines)
+            out.append(f"| {case.id} | {cell(case.input)} | {case.runner} | {status} | {message} |")
+    return "\n".join(out) + "\n"
+
+
+def test_errors_doc_is_current():
+    missing = [c.id for c in CASES if c.id not in OBSERVED]
+    if missing:
+        pytest.skip(f"the doc needs every case of this file to have run (not run: {', '.join(missing)})")
+    text = render_doc()
+    if os.environ.get("RMTRAIN_UPDATE_ERRORS_DOC") == "1":
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(text)
+    assert DOC.is_file() and DOC.read_text() == text, (
+        "docs/errors.md differs from the messages the cases printed; "
+        "rewrite it with RMTRAIN_UPDATE_ERRORS_DOC=1 pytest tests/test_errors.py"
+    )
