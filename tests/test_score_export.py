@@ -1,0 +1,225 @@
+"""`rmtrain score` and `rmtrain export` on real models and the shared data: scores equal eval's rewards,
+exported folders give rmtrain's rewards under plain transformers (full, LoRA merged, normalized)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmtrain.data import tokenize_pairs
+from rmtrain.evaluate import run_eval
+from rmtrain.export import pair_rewards, plain_transformers_rewards
+from rmtrain.model import load_saved
+from rmtrain.score import run_score
+from tests.conftest import read_jsonl, rmtrain_cli, write_recipe
+
+pytestmark = pytest.mark.shared_data
+
+HH = "hh_harmless_test.jsonl"
+
+
+def fit_run(folder: Path, model: dict, shared_data: Path, lora: dict | None = None, **train) -> Path:
+    hh = str(shared_data / HH)
+    out = folder / "run"
+    tree = {
+        "model": model,
+        "data": {"train": {"path": hh, "limit": 16}, "eval": {"path": hh, "skip": 2300}, "max_length": 256},
+        "train": {"output_dir": str(out), "per_device_batch_size": 4, "max_steps": 2, "learning_rate": 1e-3,
+                  "gradient_checkpointing": False, **train},
+    }
+    if lora:
+        tree["lora"] = lora
+    result = rmtrain_cli("fit", str(write_recipe(folder, tree)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory, tiny_qwen3, shared_data) -> Path:
+    return fit_run(tmp_path_factory.mktemp("qwen"), {"name_or_path": tiny_qwen3}, shared_data)
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory, minilm, shared_data) -> Path:
+    return fit_run(tmp_path_factory.mktemp("minilm"), {"name_or_path": minilm}, shared_data, learning_rate=5e-5)
+
+
+def eval_rows(shared_data: Path) -> list[dict]:
+    """The runs' eval set (rows 2301..): what `reward_stats.json` and the eval metrics are computed on."""
+    return read_jsonl(shared_data / HH)[2300:]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_scores(path: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    scores = {line["row"]: line["reward"] for line in lines}
+    assert len(scores) == len(lines)  # every row once
+    return scores
+
+
+def score_file(model: Path, rows: list[dict], tmp_path: Path, name: str, **options) -> list[float]:
+    out = tmp_path / f"{name}.scores.jsonl"
+    run_score(str(model), str(write_jsonl(tmp_path / f"{name}.jsonl", rows)), str(out), **options)
+    scores = read_scores(out)
+    assert sorted(scores) == list(range(1, len(rows) + 1))
+    return [scores[i] for i in range(1, len(rows) + 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# rmtrain score
+
+
+@pytest.mark.parametrize("run_name", ["qwen_run", "minilm_run"])
+def test_score_gives_the_rewards_eval_computes(run_name, request, tmp_path, shared_data):
+    run = request.getfixturevalue(run_name)
+    rows = eval_rows(shared_data)
+    metrics = run_eval(str(run), str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
+    # Exactly the pairs eval kept (max_length 256, filter), each side as one text row.
+    rm, max_length = load_saved(run)
+    pairs, _ = tokenize_pairs(rows, "pairs", rm.tokenizer, rm.fmt, max_length, "filter")
+    kept = [rows[p["row"]] for p in pairs]
+    texts = [{"text": r["chosen"]} for r in kept] + [{"text": r["rejected"]} for r in kept]
+    result = rmtrain_cli("score", str(run), "--data", str(write_jsonl(tmp_path / "texts.jsonl", texts)), "--batch-size", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(line["row"] for line in lines) == list(range(1, len(texts) + 1))
+    assert [line["tokens"] for line in lines] == sorted((line["tokens"] for line in lines), reverse=True)  # longest first
+    scores = torch.tensor([line["reward"] for line in sorted(lines, key=lambda line: line["row"])], dtype=torch.float64)
+    chosen, rejected = scores[: len(kept)], scores[len(kept) :]
+    assert metrics["num_pairs"] == len(kept) > 0
+    assert abs(scores.mean().item() - metrics["mean_reward"]) < 1e-5
+    assert abs(scores.std(unbiased=False).item() - metrics["std_reward"]) < 1e-5
+    assert abs(scores.min().item() - metrics["min_reward"]) < 1e-5
+    assert abs(scores.max().item() - metrics["max_reward"]) < 1e-5
+    assert abs((chosen - rejected).mean().item() - metrics["margin"]) < 1e-5
+    assert (chosen > rejected).double().mean().item() == metrics["accuracy"]
+
+
+def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_data):
+    rm, _ = load_saved(qwen_run)
+    # Conversational pairs (explicit prompt): as prompt + completion message lists, or as whole conversations.
+    chat = read_jsonl(shared_data / "llamafactory_dpo_en_demo.jsonl", limit=3)
+    chat = [r for r in chat if len(rm.tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False)) < 2000]
+    pairs, _ = tokenize_pairs(chat, "chat", rm.tokenizer, rm.fmt, 10_000, "filter")
+    ours = torch.cat(pair_rewards(rm, pairs)).tolist()
+    as_completion = score_file(qwen_run, [{"prompt": r["prompt"], "completion": r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "pc", max_length=10_000)
+    as_messages = score_file(qwen_run, [{"messages": r["prompt"] + r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "msg", max_length=10_000, in_order=True)
+    assert max(abs(a - b) for a, b in zip(as_completion, ours)) < 1e-5
+    assert as_messages == as_completion
+    # Standard text with an explicit prompt, the completion under either name.
+    uf = [{k: r[k][:400] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(shared_data / "ultrafeedback_binarized_sample.jsonl", limit=3)]
+    pairs, _ = tokenize_pairs(uf, "uf", rm.tokenizer, rm.fmt, 10_000, "filter")
+    ours = torch.cat(pair_rewards(rm, pairs)).tolist()
+    rows = [{"prompt": r["prompt"], ("response" if i % 2 else "completion"): r[s]} for s in ("chosen", "rejected") for i, r in enumerate(uf)]
+    assert max(abs(a - b) for a, b in zip(score_file(qwen_run, rows, tmp_path, "uf"), ours)) < 1e-5
+    # --field picks one column of every row.
+    picked = score_file(qwen_run, [{"id": i, "answer": r["prompt"] + r["chosen"]} for i, r in enumerate(uf)], tmp_path, "field", field="answer")
+    assert max(abs(a - b) for a, b in zip(picked, ours[: len(uf)])) < 1e-5
+
+
+def test_bad_score_row_is_exit_2_with_its_row_number_and_no_output(qwen_run, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, {"prompt": "p", "completion": "c"}, {"answer": "no shape"}])
+    out = tmp_path / "scores.jsonl"
+    result = rmtrain_cli("score", str(qwen_run), "--data", str(data), "--out", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data}: row 3: expected 'text', 'messages', or 'prompt' with 'completion' (or 'response') "
+        "(columns present: answer); rename your column or pick it with --field"
+    ]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# rmtrain export
+
+
+def check_line(stderr: str) -> float:
+    text = " ".join(stderr.split())
+    assert "export check: plain transformers vs rmtrain on" in text, text
+    return float(text.split("max abs difference ")[1].split()[0])
+
+
+def test_export_full_decoder_round_trip(qwen_run, tmp_path, shared_data):
+    out = tmp_path / "exported"
+    result = rmtrain_cli("export", str(qwen_run), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert check_line(result.stderr) < 1e-4
+    stats = json.loads((out / "reward_stats.json").read_text())
+    eval_metrics = json.loads((qwen_run / "run_info.json").read_text())["final_eval"]
+    assert stats["num_rewards"] == 2 * eval_metrics["num_pairs"]
+    assert abs(stats["mean"] - eval_metrics["mean_reward"]) < 1e-4 and abs(stats["std"] - eval_metrics["std_reward"]) < 1e-4
+    # Plain tokenizer(text) now gives the training tokens: the EOS appended by the tokenizer itself.
+    from transformers import AutoTokenizer
+
+    exported_tok, run_tok = AutoTokenizer.from_pretrained(str(out)), AutoTokenizer.from_pretrained(str(qwen_run))
+    text = eval_rows(shared_data)[0]["chosen"]
+    assert exported_tok(text)["input_ids"] == run_tok(text + run_tok.eos_token)["input_ids"]
+    assert exported_tok.chat_template == run_tok.chat_template
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] != config["eos_token_id"]
+    # rmtrain reads the exported folder as it reads the run.
+    texts = [{"text": r["chosen"][:600]} for r in eval_rows(shared_data)[:6]]
+    assert max(abs(a - b) for a, b in zip(score_file(out, texts, tmp_path, "exp"), score_file(qwen_run, texts, tmp_path, "run"))) < 1e-5
+    # The check can fail: the run folder's own tokenizer, used the plain way, reads the reward one token early.
+    plain_run = plain_transformers_rewards(qwen_run, texts)
+    assert max(abs(a - b) for a, b in zip(plain_run, score_file(qwen_run, texts, tmp_path, "run2"))) > 1e-3
+    # A head without a bias cannot hold the mean: refused before anything is written.
+    refused = rmtrain_cli("export", str(qwen_run), str(tmp_path / "normalized"), "--normalize")
+    assert refused.returncode == 2 and "has no bias" in refused.stderr
+    assert not (tmp_path / "normalized").exists() and not (tmp_path / "normalized.tmp").exists()
+
+
+def test_export_normalized_encoder_gives_mean_zero_std_one(minilm_run, tmp_path, shared_data):
+    out = tmp_path / "exported"
+    result = rmtrain_cli("export", str(minilm_run), str(out), "--normalize")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert check_line(result.stderr) < 1e-4
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert stats["folded_into_head"] is True
+    metrics = run_eval(str(out), str(write_jsonl(tmp_path / "eval.jsonl", eval_rows(shared_data))))
+    assert abs(metrics["mean_reward"]) < 1e-5 and abs(metrics["std_reward"] - 1) < 1e-5
+    texts = [{"text": r["rejected"][:600]} for r in eval_rows(shared_data)[:6]]
+    run_scores = torch.tensor(score_file(minilm_run, texts, tmp_path, "run"), dtype=torch.float64)
+    exported = torch.tensor(score_file(out, texts, tmp_path, "exp"), dtype=torch.float64)
+    assert (exported - (run_scores - stats["mean"]) / stats["std"]).abs().max().item() < 1e-5
+
+
+def test_export_lora_needs_merge_and_round_trips(tmp_path, tiny_qwen3, shared_data):
+    run = fit_run(tmp_path, {"name_or_path": tiny_qwen3}, shared_data, lora={"r": 4, "alpha": 8})
+    assert (run / "adapter_config.json").is_file()
+    refused = rmtrain_cli("export", str(run), str(tmp_path / "plain"))
+    assert refused.returncode == 2 and "pass --merge" in refused.stderr
+    out = tmp_path / "merged"
+    result = rmtrain_cli("export", str(run), str(out), "--merge")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert check_line(result.stderr) < 1e-4
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    texts = [{"text": r["chosen"][:600]} for r in eval_rows(shared_data)[:6]]
+    assert max(abs(a - b) for a, b in zip(score_file(out, texts, tmp_path, "exp"), score_file(run, texts, tmp_path, "run"))) < 1e-4
+
+
+def test_export_smollm2_lora_merged(tmp_path, smollm2, shared_data):
+    """A real decoder whose tokenizer pads with its EOS, trained on plain text with an explicit prompt."""
+    path, gguf = smollm2
+    rows = read_jsonl(shared_data / "ultrafeedback_binarized_sample.jsonl", limit=8)
+    short = write_jsonl(tmp_path / "uf_short.jsonl", [{k: r[k][:200] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    out = tmp_path / "run"
+    tree = {
+        "model": {"name_or_path": path, "gguf_file": gguf},
+        "data": {"train": {"path": str(short), "limit": 2}, "eval": {"path": str(short), "skip": 2}, "max_length": 128},
+        "train": {"output_dir": str(out), "per_device_batch_size": 2, "max_steps": 1, "learning_rate": 1e-3, "gradient_checkpointing": False},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    }
+    result = rmtrain_cli("fit", str(write_recipe(tmp_path, tree)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = tmp_path / "exported"
+    result = rmtrain_cli("export", str(out), str(exported), "--merge", "--check-pairs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert check_line(result.stderr) < 1e-3
+    config = json.loads((exported / "config.json").read_text())
+    assert config["pad_token_id"] != config["eos_token_id"]
