@@ -217,18 +217,19 @@ def export_model(
     check: bool = True,
     check_pairs: int = CHECK_PAIRS,
     log: RunLog | None = None,
-) -> Path:
+) -> dict[str, Any]:
+    """Write the folder; returns what was measured: {"out", "stats" (or None), "check_max_abs_diff" (or None)}."""
     log = log or RunLog()
     out, run = Path(out_dir), Path(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out}: exists and is not empty; choose a new folder")
+    if (run / "adapter_config.json").is_file() and not merge:
+        raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
     # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
     rm, max_length = load_saved(run, dtype=torch.float32)
     max_length = max_length or 1024
     model = rm.model
     is_adapter = hasattr(model, "merge_and_unload")
-    if is_adapter and not merge:
-        raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
     if getattr(getattr(model, "config", None), "num_labels", 1) != 1:
         raise ModelError(f"{run_dir}: the model has {model.config.num_labels} labels; a reward model has one")
 
@@ -277,6 +278,7 @@ def export_model(
     if stats is not None:
         (tmp / STATS_FILE).write_text(json.dumps(stats | {"folded_into_head": normalize}, indent=2) + "\n")
 
+    worst = None
     if check:
         inputs, ours = check_sample
         if normalize:
@@ -294,4 +296,4 @@ def export_model(
         out.rmdir()
     tmp.rename(out)
     log.info(f"exported {run_dir} to {out}")
-    return out
+    return {"out": out, "stats": stats, "check_max_abs_diff": worst}
