@@ -15,8 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
-def main(model_dir: str, inputs_file: str) -> None:
-    inputs = json.loads(open(inputs_file, encoding="utf-8").read())
+def plain_rewards(model_dir: str, inputs: list[dict]) -> list[float]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     model.eval()
@@ -30,8 +29,8 @@ def main(model_dir: str, inputs_file: str) -> None:
             else:
                 batch = tokenizer([x["text"] for x in chunk], padding=True, padding_side="right", return_tensors="pt")
             rewards.extend(model(**batch).logits[:, 0].float().tolist())
-    print(json.dumps(rewards))
+    return rewards
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    print(json.dumps(plain_rewards(sys.argv[1], json.loads(open(sys.argv[2], encoding="utf-8").read()))))

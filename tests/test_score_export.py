@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmtrain.config import load_recipe
 from rmtrain.data import tokenize_pairs
 from rmtrain.evaluate import run_eval
-from rmtrain.export import ExportError, export_model, pair_rewards, plain_transformers_rewards
+from rmtrain.export import ExportError, export_model, pair_rewards
 from rmtrain.model import ModelError, load_saved
+from rmtrain.plain_check import plain_rewards
 from rmtrain.score import run_score
+from rmtrain.train import fit
 from tests.conftest import FULL, read_jsonl, rmtrain_cli, write_recipe
 
 pytestmark = pytest.mark.shared_data
@@ -30,8 +33,7 @@ def fit_run(folder: Path, model: dict, shared_data: Path, lora: dict | None = No
     }
     if lora:
         tree["lora"] = lora
-    result = rmtrain_cli("fit", str(write_recipe(folder, tree)))
-    assert result.returncode == 0, result.stderr[-3000:]
+    fit(load_recipe(write_recipe(folder, tree)))  # in-process: the CLI's fit is tested elsewhere
     return out
 
 
@@ -123,6 +125,16 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     ours = torch.cat(pair_rewards(rm, pairs)).tolist()
     rows = [{"prompt": r["prompt"], ("response" if i % 2 else "completion"): r[s]} for s in ("chosen", "rejected") for i, r in enumerate(uf)]
     assert max(abs(a - b) for a, b in zip(score_file(qwen_run, rows, tmp_path, "uf"), ours)) < 1e-5
+    # Longer than --max-length: the start is cut, as eval's `--truncation truncate` cuts it.
+    cut_pairs, _ = tokenize_pairs(uf, "uf", rm.tokenizer, rm.fmt, 24, "truncate")
+    assert [p["row"] for p in cut_pairs] == list(range(len(uf)))
+    out = tmp_path / "cut.jsonl"
+    run_score(str(qwen_run), str(write_jsonl(tmp_path / "cut_in.jsonl", rows[: len(uf)])), str(out), max_length=24, in_order=True)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["row"] for line in lines] == list(range(1, len(uf) + 1))
+    assert all(line["truncated"] and line["tokens"] == 24 for line in lines)
+    cut_chosen = pair_rewards(rm, cut_pairs)[0].tolist()
+    assert max(abs(line["reward"] - r) for line, r in zip(lines, cut_chosen)) < 1e-5
     # --field picks one column of every row.
     picked = score_file(qwen_run, [{"id": i, "answer": r["prompt"] + r["chosen"]} for i, r in enumerate(uf)], tmp_path, "field", field="answer")
     assert max(abs(a - b) for a, b in zip(picked, ours[: len(uf)])) < 1e-5
@@ -142,6 +154,23 @@ def test_bad_score_row_is_exit_2_with_its_row_number_and_no_output(qwen_run, tmp
 
 # --------------------------------------------------------------------------------------------------
 # rmtrain export
+
+
+def test_export_replaces_a_pad_token_equal_to_eos(tiny_qwen3):
+    """SmolLM2/Llama-style tokenizers pad with EOS: the exported folder must pad with a token never in the data."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rmtrain.data import TokenFormat
+    from rmtrain.export import make_pad_safe
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = SimpleNamespace(config=AutoConfig.from_pretrained(tiny_qwen3))
+    fmt = make_pad_safe(model, tokenizer, TokenFormat(tokenizer.eos_token, tokenizer.eos_token_id, False))
+    assert tokenizer.pad_token == "<|endoftext|>" != tokenizer.eos_token
+    assert model.config.pad_token_id == fmt.pad_token_id == tokenizer.pad_token_id
 
 
 def check_line(stderr: str) -> float:
@@ -172,7 +201,7 @@ def test_export_full_decoder_round_trip(qwen_run, tmp_path, shared_data):
     texts = [{"text": r["chosen"][:600]} for r in eval_rows(shared_data)[:6]]
     assert max(abs(a - b) for a, b in zip(score_file(out, texts, tmp_path, "exp"), score_file(qwen_run, texts, tmp_path, "run"))) < 1e-5
     # The check can fail: the run folder's own tokenizer, used the plain way, reads the reward one token early.
-    plain_run = plain_transformers_rewards(qwen_run, texts)
+    plain_run = plain_rewards(str(qwen_run), texts)
     assert max(abs(a - b) for a, b in zip(plain_run, score_file(qwen_run, texts, tmp_path, "run2"))) > 1e-3
     # A head without a bias cannot hold the mean: refused before anything is written.
     with pytest.raises(ExportError, match="Qwen3ForSequenceClassification has no bias"):
