@@ -28,7 +28,14 @@ from torch import nn
 from rmtrain.config import DataSource
 from rmtrain.data import TokenFormat, read_rows, special_token_frame, tokenize_pairs
 from rmtrain.log import RunLog
-from rmtrain.model import FORMAT_FILE, ModelError, RewardModel, choose_pad_token, load_saved, save_model_folder
+from rmtrain.model import (
+    FORMAT_FILE,
+    ModelError,
+    RewardModel,
+    choose_pad_token,
+    load_saved,
+    save_model_folder,
+)
 
 STATS_FILE = "reward_stats.json"
 CHECK_TOLERANCE = 1e-3
@@ -266,23 +273,46 @@ def export_model(
         fold_normalization(folded_head, stats["mean"], stats["std"], type(model).__name__)
     eos_in_tokenizer = bool(fmt.append_eos) and append_eos_in_tokenizer(rm.tokenizer, fmt.append_eos)
     if fmt.append_eos and not eos_in_tokenizer:
-        log.warn(f"the tokenizer cannot append {fmt.append_eos!r} itself: append it to plain-text inputs when scoring")
+        log.warn(
+            f"the tokenizer cannot append {fmt.append_eos!r} itself (not a fast tokenizer): plain tokenizer(text) misses "
+            "the EOS training appended, which the check below will show; append it to plain-text inputs yourself"
+        )
     saved_fmt = TokenFormat(None if eos_in_tokenizer else fmt.append_eos, fmt.pad_token_id, fmt.is_encoder)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(model, None, rm.tokenizer, saved_fmt, max_length, tmp)
-    format_file = tmp / FORMAT_FILE
-    extra = {"eos_added_by_tokenizer": fmt.append_eos if eos_in_tokenizer else None, "normalized": normalize}
-    format_file.write_text(json.dumps(json.loads(format_file.read_text()) | extra, indent=2) + "\n")
-    if stats is not None:
-        (tmp / STATS_FILE).write_text(json.dumps(stats | {"folded_into_head": normalize}, indent=2) + "\n")
+    format_extra = {"eos_added_by_tokenizer": fmt.append_eos if eos_in_tokenizer else None, "normalized": normalize}
+    try:
+        save_model_folder(model, None, rm.tokenizer, saved_fmt, max_length, tmp)
+        format_file = tmp / FORMAT_FILE
+        format_file.write_text(json.dumps(json.loads(format_file.read_text()) | format_extra, indent=2) + "\n")
+        if stats is not None:
+            (tmp / STATS_FILE).write_text(json.dumps(stats | {"folded_into_head": normalize}, indent=2) + "\n")
+        worst = check_folder(tmp, out, check_sample if check else None, stats if normalize else None, log)
+    except ExportError as error:
+        if tmp.exists():  # plain transformers could not even load it: keep it for inspection
+            failed = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            tmp.rename(failed)
+            raise ExportError(f"{error}; {out} not written, the folder is kept in {failed}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write leaves nothing half-written behind
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log.info(f"exported {run_dir} to {out}")
+    return {"out": out, "stats": stats, "check_max_abs_diff": worst}
 
+
+def check_folder(tmp: Path, out: Path, check_sample: tuple | None, folded_stats: dict | None, log: RunLog) -> float | None:
+    """Plain transformers' rewards from the written folder vs rmtrain's from the run: the max abs difference."""
     worst = None
-    if check:
+    if check_sample is not None:
         inputs, ours = check_sample
-        if normalize:
-            ours = (ours - stats["mean"]) / stats["std"]
+        if folded_stats is not None:
+            ours = (ours - folded_stats["mean"]) / folded_stats["std"]
         theirs = torch.tensor(plain_transformers_rewards(tmp, inputs), dtype=torch.float64)
         worst = (theirs - ours).abs().max().item()
         line = f"export check: plain transformers vs rmtrain on {len(inputs)} rewards: max abs difference {worst:.2e}"
@@ -292,8 +322,4 @@ def export_model(
             tmp.rename(failed)
             raise ExportError(f"{line} > {CHECK_TOLERANCE:g}; {out} not written, the folder is kept in {failed} for inspection")
         log.info(line + f" (limit {CHECK_TOLERANCE:g})")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    log.info(f"exported {run_dir} to {out}")
-    return {"out": out, "stats": stats, "check_max_abs_diff": worst}
+    return worst

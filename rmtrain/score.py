@@ -17,7 +17,14 @@ from typing import Any, Iterator, TextIO
 import torch
 
 from rmtrain.config import DataSource
-from rmtrain.data import DataError, _check_messages, read_rows, row_texts, special_token_frame, truncate_left
+from rmtrain.data import (
+    DataError,
+    _check_messages,
+    read_rows,
+    row_texts,
+    special_token_frame,
+    truncate_left,
+)
 from rmtrain.log import RunLog
 from rmtrain.model import RewardModel, load_saved, sequence_rewards
 
@@ -141,6 +148,8 @@ def run_score(
 ) -> int:
     """`rmtrain score`: every row checked and tokenized before the output is opened; returns the row count."""
     log = log or RunLog()
+    if out != "-" and not Path(out).parent.is_dir():
+        raise DataError(f"--out: {out}: folder {Path(out).parent} does not exist; create it or pick another path")
     rm, trained_max_length = load_saved(model_path)
     max_length = max_length or trained_max_length or 1024
     rows, name = read_rows(DataSource(path=data_path, split=split))

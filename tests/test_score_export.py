@@ -12,7 +12,6 @@ from rmtrain.data import tokenize_pairs
 from rmtrain.evaluate import run_eval
 from rmtrain.export import ExportError, export_model, pair_rewards
 from rmtrain.model import ModelError, load_saved
-from rmtrain.plain_check import plain_rewards
 from rmtrain.score import run_score
 from rmtrain.train import fit
 from tests.conftest import FULL, read_jsonl, rmtrain_cli, write_recipe
@@ -200,13 +199,23 @@ def test_export_full_decoder_round_trip(qwen_run, tmp_path, shared_data):
     # rmtrain reads the exported folder as it reads the run.
     texts = [{"text": r["chosen"][:600]} for r in eval_rows(shared_data)[:6]]
     assert max(abs(a - b) for a, b in zip(score_file(out, texts, tmp_path, "exp"), score_file(qwen_run, texts, tmp_path, "run"))) < 1e-5
-    # The check can fail: the run folder's own tokenizer, used the plain way, reads the reward one token early.
-    plain_run = plain_rewards(str(qwen_run), texts)
-    assert max(abs(a - b) for a, b in zip(plain_run, score_file(qwen_run, texts, tmp_path, "run2"))) > 1e-3
+
     # A head without a bias cannot hold the mean: refused before anything is written.
     with pytest.raises(ExportError, match="Qwen3ForSequenceClassification has no bias"):
         export_model(str(qwen_run), str(tmp_path / "normalized"), merge=False, normalize=True)
     assert not (tmp_path / "normalized").exists() and not (tmp_path / "normalized.tmp").exists()
+
+
+def test_export_check_fails_when_plain_tokenization_differs(qwen_run, tmp_path, monkeypatch):
+    """Without the EOS in the tokenizer, plain `tokenizer(text)` reads the reward one token early: caught."""
+    import rmtrain.export
+
+    monkeypatch.setattr(rmtrain.export, "append_eos_in_tokenizer", lambda tokenizer, eos: False)
+    out = tmp_path / "exported"
+    with pytest.raises(ExportError, match=r"max abs difference .* > 0.001; .*exported not written, the folder is kept in .*exported.failed"):
+        export_model(str(qwen_run), str(out), merge=False)
+    assert not out.exists() and not (tmp_path / "exported.tmp").exists()
+    assert (tmp_path / "exported.failed" / "config.json").is_file()
 
 
 def test_export_normalized_encoder_gives_mean_zero_std_one(minilm_run, tmp_path, shared_data):
