@@ -18,6 +18,7 @@ USER_ERRORS = [
     ("rmtrain.train", "RunDirError"),
     ("rmtrain.train", "NonFiniteLossError"),
     ("rmtrain.train", "ResourceError"),
+    ("rmtrain.export", "ExportError"),
 ]
 
 
@@ -100,19 +101,54 @@ def eval_command(
 
 
 @app.command()
+def score(
+    model: str = typer.Argument(..., help="A saved model, run or exported folder (full model or LoRA adapter)."),
+    data: str = typer.Option(..., "--data", help="Rows to score: 'text', 'messages', or 'prompt' + 'completion'/'response'."),
+    out: str = typer.Option("-", "--out", help="JSON lines {row, reward, tokens}; '-' is stdout."),
+    field: Optional[str] = typer.Option(None, "--field", help="Score this one column (a string or a message list) of every row."),
+    split: str = typer.Option("train", "--split", help="Split (Hub datasets)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer inputs keep their last tokens; defaults to the trained length."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per batch."),
+    in_order: bool = typer.Option(False, "--in-order", help="Write lines in input order (buffered) instead of as batches finish."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Score single responses (plain text or chat messages) with a saved reward model."""
+
+    def action() -> None:
+        if batch_size < 1 or (max_length is not None and max_length < 1):
+            from rmtrain.data import DataError
+
+            raise DataError("--batch-size and --max-length must be >= 1")
+        _quiet_libraries()
+        from rmtrain.score import run_score
+
+        run_score(model, data, out, field, split, max_length, batch_size, in_order)
+
+    _run(debug, action)
+
+
+@app.command()
 def export(
     run_dir: str = typer.Argument(..., help="A run folder (full model or LoRA adapter)."),
     out_dir: str = typer.Argument(..., help="Where to write a plain transformers model folder."),
     merge: bool = typer.Option(False, "--merge", help="Fold LoRA weights into the base model."),
+    normalize: bool = typer.Option(False, "--normalize", help="Fold the eval rewards' mean and std into the head: rewards become (r - mean) / std."),
+    data: Optional[str] = typer.Option(None, "--data", help="Preference pairs for the statistics and the check, instead of the run's eval set."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Reload the folder with plain transformers in a fresh process and compare rewards."),
+    check_pairs: int = typer.Option(16, "--check-pairs", help="Pairs compared by the check."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
-    """Write a folder that plain AutoModelForSequenceClassification loads."""
+    """Write a folder that plain AutoModelForSequenceClassification and AutoTokenizer load, checked."""
 
     def action() -> None:
+        if check_pairs < 1:
+            from rmtrain.export import ExportError
+
+            raise ExportError("--check-pairs must be >= 1")
         _quiet_libraries()
         from rmtrain.export import export_model
 
-        export_model(run_dir, out_dir, merge)
+        export_model(run_dir, out_dir, merge, normalize, data, check, check_pairs)
 
     _run(debug, action)
 

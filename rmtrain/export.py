@@ -1,28 +1,325 @@
-"""`rmtrain export`: a run folder -> a plain transformers model folder (LoRA merged on request)."""
+"""`rmtrain export`: a run folder -> a model folder that RL trainers load with plain transformers.
+
+What the folder guarantees (and the fresh-process check after writing verifies):
+- `AutoModelForSequenceClassification.from_pretrained(OUT)` is the reward model, LoRA merged (`--merge`),
+  one-logit head, `config.pad_token_id` set to a pad token that is never a real token (decoder heads read
+  the rightmost non-pad token, so pad == EOS would move the reward token).
+- `AutoTokenizer.from_pretrained(OUT)` tokenizes like training: chat template saved, and for decoders
+  trained on plain text with an appended EOS the tokenizer's post-processor appends that EOS itself, so
+  plain `tokenizer(prompt + response)` gives the training tokens.
+- `reward_stats.json`: mean and std of the rewards over the run's eval pairs; `--normalize` folds them into
+  the head so the folder's rewards are `(r - mean) / std`.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from rmtrain.model import ModelError, load_saved, save_model_folder
+import torch
+from torch import nn
+
+from rmtrain.config import DataSource
+from rmtrain.data import TokenFormat, read_rows, special_token_frame, tokenize_pairs
+from rmtrain.log import RunLog
+from rmtrain.model import (
+    FORMAT_FILE,
+    ModelError,
+    RewardModel,
+    choose_pad_token,
+    load_saved,
+    save_model_folder,
+)
+
+STATS_FILE = "reward_stats.json"
+CHECK_TOLERANCE = 1e-3
+CHECK_PAIRS = 16
 
 
-def export_model(run_dir: str, out_dir: str, merge: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+class ExportError(ValueError):
+    """The export cannot be done as asked, or the written folder does not give rmtrain's rewards."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference pairs: the run's eval set (or --data), for the statistics and the check
+
+
+def reference_rows(
+    run_dir: Path, data_path: str | None, rm: RewardModel, max_length: int
+) -> tuple[str, list[dict], list[dict]] | None:
+    """(name, raw rows, eval pairs) whose rewards define the statistics; None when the run has no eval set.
+
+    Pairs are tokenized as the run's eval was (recipe max_length and truncation); `pair["row"]` indexes
+    the raw rows.
+    """
+    from rmtrain.config import load_recipe
+    from rmtrain.data import check_single_shape, load_pairs
+
+    if data_path is not None:
+        rows, name = read_rows(DataSource(path=data_path))
+        check_single_shape(rows, name)
+        pairs, _ = tokenize_pairs(rows, name, rm.tokenizer, rm.fmt, max_length, "filter")
+        return name, rows, pairs
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        return None
+    recipe = load_recipe(recipe_file)
+    data = recipe.data
+    if data.eval is None and not data.eval_fraction:
+        return None
+    _, eval_pairs, _ = load_pairs(data, rm.tokenizer, rm.fmt, recipe.train.seed)
+    source = data.eval if data.eval is not None else data.train
+    rows, name = read_rows(source)
+    pairs = [p | {"row": p["row"] - source.skip} for p in eval_pairs or []]
+    return name, rows, pairs
+
+
+@torch.inference_mode()
+def pair_rewards(rm: RewardModel, pairs: list[dict], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards of `pairs` in their order, computed as `rmtrain eval` does."""
+    from accelerate import Accelerator
+
+    from rmtrain.batching import choose_layout, make_dataloader
+    from rmtrain.evaluate import score_pairs
+
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    indexed = [p | {"row": i} for i, p in enumerate(pairs)]
+    layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
+    loader, _ = make_dataloader(indexed, layout, rm.fmt.pad_token_id, mask_format, batch_size, 0, shuffle=False, length_grouped=True)
+    model, loader = accelerator.prepare(rm.model, loader)
+    _, per_pair = score_pairs(accelerator, model, rm, loader)
+    order = per_pair["row"].argsort()
+    return per_pair["chosen"][order], per_pair["rejected"][order]
+
+
+def reward_statistics(chosen: torch.Tensor, rejected: torch.Tensor, name: str) -> dict[str, Any]:
+    rewards = torch.cat([chosen, rejected]).double()
+    std = rewards.std(unbiased=False).item()
+    if not std > 0:
+        raise ExportError(f"{name}: every reward is the same ({rewards[0].item():.6g}); cannot normalize by a zero std")
+    return {"mean": rewards.mean().item(), "std": std, "num_rewards": rewards.numel(), "source": name}
+
+
+# --------------------------------------------------------------------------------------------------
+# Making the folder safe for plain transformers
+
+
+def make_pad_safe(model: nn.Module, tokenizer, fmt: TokenFormat) -> TokenFormat:
+    """A decoder's pad token must differ from EOS/BOS, and the config must name the tokenizer's pad."""
+    if not fmt.is_encoder and (tokenizer.pad_token is None or tokenizer.pad_token in (tokenizer.eos_token, tokenizer.bos_token)):
+        tokenizer.pad_token = choose_pad_token(tokenizer, None, is_encoder=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_config.pad_token_id = tokenizer.pad_token_id
+    return TokenFormat(fmt.append_eos, tokenizer.pad_token_id, fmt.is_encoder)
+
+
+def append_eos_in_tokenizer(tokenizer, eos: str) -> bool:
+    """Make `tokenizer(text)` (special tokens on, the default) end with `eos`, as training's `text + eos` did.
+
+    Only a fast tokenizer has a post-processor to change; returns False for others. The new tokens are
+    checked against training's on a few texts.
+    """
+    from tokenizers import processors
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    probes = ["hello", "Human: hi\n\nAssistant: hello there!", " two  spaces\nand a new line"]
+    expected = [tokenizer(text + eos)["input_ids"] for text in probes]
+    head, tail = special_token_frame(tokenizer)
+    framed = tokenizer("hello")["input_ids"]
+    leading, trailing = framed[:head], framed[len(framed) - tail :]
+    tokens = [tokenizer.convert_ids_to_tokens(i) for i in leading] + ["$A"] + [eos] + [tokenizer.convert_ids_to_tokens(i) for i in trailing]
+    specials = {tokenizer.convert_ids_to_tokens(i): i for i in leading + trailing} | {eos: tokenizer.convert_tokens_to_ids(eos)}
+    previous = backend.post_processor
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join(t if t == "$A" else f"{t}:0" for t in tokens),
+        pair=" ".join(t if t == "$A" else f"{t}:0" for t in tokens) + " $B:1",
+        special_tokens=list(specials.items()),
+    )
+    if [tokenizer(text)["input_ids"] for text in probes] != expected:
+        backend.post_processor = previous
+        return False
+    return True
+
+
+def score_linear(head: nn.Module) -> nn.Linear:
+    """The Linear layer that produces the reward (the head itself, or its last one-output Linear)."""
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+    if not linears:
+        raise ExportError(f"{type(head).__name__}: no one-output Linear layer to fold the normalization into")
+    return linears[-1]
+
+
+@torch.no_grad()
+def fold_normalization(head: nn.Module, mean: float, std: float, model_name: str) -> None:
+    """w' = w / std, b' = (b - mean) / std: the head then outputs (r - mean) / std."""
+    linear = score_linear(head)
+    check_head_has_bias(head, model_name)
+    linear.weight.div_(std)
+    linear.bias.sub_(mean).div_(std)
+
+
+def check_head_has_bias(head: nn.Module, model_name: str) -> None:
+    if score_linear(head).bias is None:
+        raise ExportError(
+            f"--normalize: the score head of {model_name} has no bias, and plain transformers would drop an added one, "
+            f"so the mean cannot be folded in; export without --normalize and subtract the mean of {STATS_FILE} "
+            "(GRPO's group-relative advantages cancel it anyway)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The check: the folder in a fresh process, read the way an RL trainer reads it
+
+
+def check_inputs(rows: list[dict], pairs: list[dict], count: int) -> list[dict]:
+    """Inputs for rmtrain.plain_check: the chosen then the rejected side of the first `count` pairs."""
+    inputs = []
+    for side in ("chosen", "rejected"):
+        for pair in pairs[:count]:
+            row = rows[pair["row"]]
+            prompt, response = row.get("prompt"), row[side]
+            if isinstance(response, list):
+                inputs.append({"messages": (prompt or []) + response})
+            else:
+                inputs.append({"text": (prompt or "") + response})
+    return inputs
+
+
+def plain_transformers_rewards(folder: Path, inputs: list[dict]) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp, "inputs.json")
+        sample.write_text(json.dumps(inputs))
+        result = subprocess.run(
+            [sys.executable, "-m", "rmtrain.plain_check", str(folder), str(sample)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+    if result.returncode != 0:
+        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
+        raise ExportError(f"export check: plain transformers could not score {folder}: {tail}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def export_model(
+    run_dir: str,
+    out_dir: str,
+    merge: bool,
+    normalize: bool = False,
+    data_path: str | None = None,
+    check: bool = True,
+    check_pairs: int = CHECK_PAIRS,
+    log: RunLog | None = None,
+) -> dict[str, Any]:
+    """Write the folder; returns what was measured: {"out", "stats" (or None), "check_max_abs_diff" (or None)}."""
+    log = log or RunLog()
+    out, run = Path(out_dir), Path(run_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out}: exists and is not empty; choose a new folder")
-    rm, max_length = load_saved(run_dir)
+    if (run / "adapter_config.json").is_file() and not merge:
+        raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
+    # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
+    rm, max_length = load_saved(run, dtype=torch.float32)
+    max_length = max_length or 1024
     model = rm.model
     is_adapter = hasattr(model, "merge_and_unload")
-    if is_adapter and not merge:
-        raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
+    if getattr(getattr(model, "config", None), "num_labels", 1) != 1:
+        raise ModelError(f"{run_dir}: the model has {model.config.num_labels} labels; a reward model has one")
+
+    if normalize:
+        check_head_has_bias(rm.head, type(model.get_base_model() if is_adapter else model).__name__)
+    reference = reference_rows(run, data_path, rm, max_length)
+    stats, check_sample = None, None
+    if reference is not None:
+        name, rows, pairs = reference
+        if not pairs:
+            raise ExportError(f"{name}: no pairs left for the reward statistics (all filtered by length?)")
+        chosen, rejected = pair_rewards(rm, pairs)
+        stats = reward_statistics(chosen, rejected, name)
+        log.info(f"reward statistics over {stats['num_rewards']} rewards of {name}: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
+        # The check reads whole texts, so it uses pairs that fit max_length untruncated.
+        whole, _ = tokenize_pairs(rows[: 4 * check_pairs], name, rm.tokenizer, rm.fmt, max_length, "filter")
+        whole = whole[:check_pairs]
+        if whole:
+            c, r = pair_rewards(rm, whole)
+            check_sample = (check_inputs(rows, whole, check_pairs), torch.cat([c, r]).double())
+    if normalize and stats is None:
+        raise ExportError(f"--normalize: {run_dir} has no eval set (data.eval or data.eval_fraction); pass --data PAIRS.jsonl")
+    if check and check_sample is None:
+        raise ExportError(
+            f"export check: no pairs to compare on ({run_dir} has no eval set, or none fits max_length); "
+            "pass --data PAIRS.jsonl, or --no-check"
+        )
+
     if is_adapter:
         model = model.merge_and_unload()
+    fmt = make_pad_safe(model, rm.tokenizer, rm.fmt)
+    folded_head = getattr(model, rm.head_name)
+    if normalize:
+        fold_normalization(folded_head, stats["mean"], stats["std"], type(model).__name__)
+    eos_in_tokenizer = bool(fmt.append_eos) and append_eos_in_tokenizer(rm.tokenizer, fmt.append_eos)
+    if fmt.append_eos and not eos_in_tokenizer:
+        log.warn(
+            f"the tokenizer cannot append {fmt.append_eos!r} itself (not a fast tokenizer): plain tokenizer(text) misses "
+            "the EOS training appended, which the check below will show; append it to plain-text inputs yourself"
+        )
+    saved_fmt = TokenFormat(None if eos_in_tokenizer else fmt.append_eos, fmt.pad_token_id, fmt.is_encoder)
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(model, None, rm.tokenizer, rm.fmt, max_length or 1024, tmp)
+    format_extra = {"eos_added_by_tokenizer": fmt.append_eos if eos_in_tokenizer else None, "normalized": normalize}
+    try:
+        save_model_folder(model, None, rm.tokenizer, saved_fmt, max_length, tmp)
+        format_file = tmp / FORMAT_FILE
+        format_file.write_text(json.dumps(json.loads(format_file.read_text()) | format_extra, indent=2) + "\n")
+        if stats is not None:
+            (tmp / STATS_FILE).write_text(json.dumps(stats | {"folded_into_head": normalize}, indent=2) + "\n")
+        worst = check_folder(tmp, out, check_sample if check else None, stats if normalize else None, log)
+    except ExportError as error:
+        if tmp.exists():  # plain transformers could not even load it: keep it for inspection
+            failed = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            tmp.rename(failed)
+            raise ExportError(f"{error}; {out} not written, the folder is kept in {failed}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write leaves nothing half-written behind
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    return out
+    log.info(f"exported {run_dir} to {out}")
+    return {"out": out, "stats": stats, "check_max_abs_diff": worst}
+
+
+def check_folder(tmp: Path, out: Path, check_sample: tuple | None, folded_stats: dict | None, log: RunLog) -> float | None:
+    """Plain transformers' rewards from the written folder vs rmtrain's from the run: the max abs difference."""
+    worst = None
+    if check_sample is not None:
+        inputs, ours = check_sample
+        if folded_stats is not None:
+            ours = (ours - folded_stats["mean"]) / folded_stats["std"]
+        theirs = torch.tensor(plain_transformers_rewards(tmp, inputs), dtype=torch.float64)
+        worst = (theirs - ours).abs().max().item()
+        line = f"export check: plain transformers vs rmtrain on {len(inputs)} rewards: max abs difference {worst:.2e}"
+        if not worst <= CHECK_TOLERANCE:
+            failed = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            tmp.rename(failed)
+            raise ExportError(f"{line} > {CHECK_TOLERANCE:g}; {out} not written, the folder is kept in {failed} for inspection")
+        log.info(line + f" (limit {CHECK_TOLERANCE:g})")
+    return worst

@@ -1,0 +1,181 @@
+"""`rmtrain score`: one reward per response (plain text or chat messages), for best-of-n and RL pipelines.
+
+A row is turned into token ids exactly as the same text is in training and `rmtrain eval` (rmtrain.data
+row_texts): `prompt + completion` with the tokenizer's special tokens and the EOS appended for decoders,
+or the chat template for message lists. Rows are scored longest first in batches of similar length, and
+each batch's lines are written as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import torch
+
+from rmtrain.config import DataSource
+from rmtrain.data import (
+    DataError,
+    _check_messages,
+    read_rows,
+    row_texts,
+    special_token_frame,
+    truncate_left,
+)
+from rmtrain.log import RunLog
+from rmtrain.model import RewardModel, load_saved, sequence_rewards
+
+# The row shapes `rmtrain score` accepts (without --field), documented in the README.
+SHAPES = "'text', 'messages', or 'prompt' with 'completion' (or 'response')"
+
+
+def score_input(row: dict[str, Any], where: str, field: str | None) -> tuple[Any, Any]:
+    """(prompt or None, completion) of one row: strings (standard text) or message lists (chat)."""
+    if field is not None:
+        if row.get(field) is None:
+            raise DataError(f"{where}: missing '{field}' (columns present: {', '.join(sorted(row)) or 'none'}; see --field)")
+        return None, row[field]
+    completion_key = "completion" if "completion" in row else "response" if "response" in row else None
+    found = [k for k in ("text", "messages") if k in row] + (["prompt+" + completion_key] if completion_key else [])
+    if len(found) > 1:
+        raise DataError(f"{where}: holds {' and '.join(found)}; keep one shape per row or pick a column with --field")
+    if not found:
+        raise DataError(
+            f"{where}: expected {SHAPES} (columns present: {', '.join(sorted(row)) or 'none'}); "
+            "rename your column or pick it with --field"
+        )
+    if completion_key:
+        if row.get("prompt") is None:
+            raise DataError(f"{where}: '{completion_key}' without 'prompt'; use 'text' for a whole text")
+        return row["prompt"], row[completion_key]
+    return None, row[found[0]]
+
+
+def input_text(row: dict[str, Any], where: str, field: str | None, tokenizer, fmt) -> tuple[str, bool]:
+    """(text, add_special_tokens) of one row, built by the same code as a training pair's chosen side."""
+    prompt, completion = score_input(row, where, field)
+    name = field or ("messages" if isinstance(completion, list) else "text" if prompt is None else "completion")
+    if isinstance(completion, list):
+        if prompt is not None and not isinstance(prompt, list):
+            raise DataError(f"{where}: 'prompt' is a string but '{name}' is a message list; use one shape")
+        if prompt:
+            _check_messages(prompt, f"{where}: prompt")
+        _check_messages(completion, f"{where}: {name}")
+    elif isinstance(completion, str):
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{where}: 'prompt' is a message list but '{name}' is a string; use one shape")
+        if not completion.strip():
+            raise DataError(f"{where}: empty '{name}'")
+    else:
+        raise DataError(f"{where}: '{name}' must be a string or a message list, got {type(completion).__name__}")
+    pair = {"chosen": completion, "rejected": completion} | ({"prompt": prompt} if prompt is not None else {})
+    text, _, add_special = row_texts(pair, where, tokenizer, fmt)
+    return text, add_special
+
+
+def tokenize_inputs(
+    rows: list[dict[str, Any]], name: str, field: str | None, rm: RewardModel, max_length: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of every row (cut from the left beyond max_length, as `--truncation truncate`) and which were cut."""
+    tokenizer, fmt = rm.tokenizer, rm.fmt
+    texts = [input_text(row, f"{name}: row {i + 1}", field, tokenizer, fmt) for i, row in enumerate(rows)]
+    ids: list[list[int] | None] = [None] * len(texts)
+    for add_special in (True, False):
+        chosen = [i for i, (_, flag) in enumerate(texts) if flag is add_special]
+        if chosen:
+            encoded = tokenizer([texts[i][0] for i in chosen], add_special_tokens=add_special)["input_ids"]
+            for i, seq in zip(chosen, encoded):
+                ids[i] = seq
+    head, tail = special_token_frame(tokenizer)
+    truncated = []
+    for i, seq in enumerate(ids):
+        cut = len(seq) > max_length
+        if cut:
+            h, t = (head, tail) if texts[i][1] else (0, 0)
+            ids[i] = seq = truncate_left(seq, max_length, h, t)
+        truncated.append(cut)
+        if not fmt.is_encoder and fmt.pad_token_id in seq:
+            pad = tokenizer.convert_ids_to_tokens(fmt.pad_token_id)
+            raise DataError(
+                f"{name}: row {i + 1}: contains the pad token {pad!r}, which the reward model never saw as text; "
+                "remove it from the row"
+            )
+    return ids, truncated  # type: ignore[return-value]
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices, longest first, in batches of `batch_size` (similar lengths: little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def reward_batches(rm: RewardModel, ids: list[list[int]], batch_size: int, device) -> Iterator[tuple[list[int], list[float]]]:
+    """(row indices, rewards) per batch, longest batch first. Rewards read as in training (last real token)."""
+    for batch in length_batches([len(s) for s in ids], batch_size):
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), rm.fmt.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            attention_mask[row, : len(ids[i])] = 1
+        rewards = sequence_rewards(rm.model, rm.head, rm.fmt.is_encoder, input_ids.to(device), attention_mask.to(device))
+        yield batch, rewards.float().cpu().tolist()
+
+
+@contextmanager
+def _output(path: str) -> Iterator[TextIO]:
+    if path == "-":
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8") as handle:
+        yield handle
+
+
+def run_score(
+    model_path: str,
+    data_path: str,
+    out: str = "-",
+    field: str | None = None,
+    split: str = "train",
+    max_length: int | None = None,
+    batch_size: int = 16,
+    in_order: bool = False,
+    log: RunLog | None = None,
+) -> int:
+    """`rmtrain score`: every row checked and tokenized before the output is opened; returns the row count."""
+    log = log or RunLog()
+    if out != "-" and not Path(out).parent.is_dir():
+        raise DataError(f"--out: {out}: folder {Path(out).parent} does not exist; create it or pick another path")
+    rm, trained_max_length = load_saved(model_path)
+    max_length = max_length or trained_max_length or 1024
+    rows, name = read_rows(DataSource(path=data_path, split=split))
+    if not rows:
+        raise DataError(f"{name}: no rows to score")
+    ids, truncated = tokenize_inputs(rows, name, field, rm, max_length)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rm.model.to(device)
+    waiting: dict[int, str] = {}
+    next_row = 0
+    with _output(out) as handle:
+        for batch, rewards in reward_batches(rm, ids, batch_size, device):
+            for i, reward in zip(batch, rewards):
+                record = {"row": i + 1, "reward": reward, "tokens": len(ids[i])} | ({"truncated": True} if truncated[i] else {})
+                waiting[i] = json.dumps(record)
+            if not in_order:
+                handle.write("".join(waiting[i] + "\n" for i in batch))
+                waiting.clear()
+            while next_row in waiting:
+                handle.write(waiting.pop(next_row) + "\n")
+                next_row += 1
+            handle.flush()
+    cut = sum(truncated)
+    log.info(
+        f"score: {len(rows)} rows of {name} scored"
+        + (f", {cut} cut to their last {max_length} tokens" if cut else "")
+        + ("" if out == "-" else f", written to {Path(out)}")
+    )
+    return len(rows)
