@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rmtrain.config import DataSource
-from rmtrain.batching import choose_layout, make_dataloader
-from rmtrain.data import check_single_shape, read_rows, tokenize_pairs
+from rmtrain.batching import _common_prefix, choose_layout, make_dataloader
+from rmtrain.data import DataError, check_single_shape, read_rows, tokenize_pairs
+from rmtrain.diagnostics import (
+    REWARDBENCH_SECTIONS,
+    calibration,
+    correct,
+    length_bias,
+    rewardbench_score,
+    section_scores,
+    subset_accuracy,
+)
 from rmtrain.log import RunLog
 from rmtrain.loss import pair_stats, reward_loss
 from rmtrain.model import RewardModel, batch_rewards, load_saved
@@ -66,6 +76,85 @@ def score_pairs(
     return pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"]), per_pair
 
 
+def response_tokens(pair: dict[str, Any]) -> tuple[int, int]:
+    """Tokens of the chosen and rejected responses: each sequence after the pair's common token prefix.
+
+    The prefix is the prompt (and any opening words both responses share), the same split the shared-prefix
+    layout uses, so the prompt's length never counts; chosen is longer exactly when its whole sequence is.
+    """
+    n = _common_prefix(pair["chosen_ids"], pair["rejected_ids"])
+    return len(pair["chosen_ids"]) - n, len(pair["rejected_ids"]) - n
+
+
+def subset_column(rows: list[dict[str, Any]], name: str, requested: str | None) -> str | None:
+    """The column naming each row's subset: `requested` (must exist), else `subset` when the data has one."""
+    field = requested or "subset"
+    if any(field in row for row in rows):
+        return field
+    if requested:
+        columns = ", ".join(sorted(rows[0])) if rows else "none"
+        raise DataError(f"{name}: --subset-field: no column '{requested}' (columns: {columns})")
+    return None
+
+
+def diagnose(
+    per_pair: dict[str, torch.Tensor],
+    pairs: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    name: str,
+    subset_field: str | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Diagnostics over the scored pairs, and one record per pair (sorted by source row) for pairs.jsonl."""
+    order = torch.argsort(per_pair["row"])
+    per_pair = {k: v[order] for k, v in per_pair.items()}
+    row_ids = per_pair["row"].tolist()
+    lengths = {pair["row"]: response_tokens(pair) for pair in pairs}
+    chosen_tokens = torch.tensor([lengths[r][0] for r in row_ids], dtype=torch.long)
+    rejected_tokens = torch.tensor([lengths[r][1] for r in row_ids], dtype=torch.long)
+    chosen, rejected = per_pair["chosen"], per_pair["rejected"]
+    margin = chosen.double() - rejected.double()
+    outcomes = correct(chosen, rejected)
+    results: dict[str, Any] = {
+        "mean_chosen_reward": chosen.double().mean().item(),
+        "mean_rejected_reward": rejected.double().mean().item(),
+        "calibration": calibration(margin),
+        "length_bias": length_bias(chosen.double(), rejected.double(), chosen_tokens, rejected_tokens),
+    }
+    subsets = None
+    if subset_field is not None:
+        subsets = []
+        for r in row_ids:
+            value = rows[r].get(subset_field)
+            if value is None:
+                raise DataError(f"{name}: row {r + 1}: no '{subset_field}' value while other rows have one")
+            subsets.append(str(value))
+        results["subset_field"] = subset_field
+        results["subsets"] = subset_accuracy(subsets, outcomes)
+        sections = section_scores({s: v["accuracy"] for s, v in results["subsets"].items()})
+        if sections:
+            results["sections"] = sections
+            results["rewardbench_score"] = rewardbench_score(sections)
+            results["subsets_outside_rewardbench"] = [
+                s for s in results["subsets"] if not any(s in counts for counts in REWARDBENCH_SECTIONS.values())
+            ]
+    records = []
+    for i, r in enumerate(row_ids):
+        record: dict[str, Any] = {"row": r}
+        if subsets is not None:
+            record["subset"] = subsets[i]
+        record.update(
+            chosen_reward=chosen[i].item(),
+            rejected_reward=rejected[i].item(),
+            margin=chosen[i].item() - rejected[i].item(),
+            correct=bool(outcomes[i]),
+            loss=per_pair["loss"][i].item(),
+            chosen_tokens=int(chosen_tokens[i]),
+            rejected_tokens=int(rejected_tokens[i]),
+        )
+        records.append(record)
+    return results, records
+
+
 def run_eval(
     model_path: str,
     data_path: str,
@@ -74,6 +163,8 @@ def run_eval(
     truncation: str = "filter",
     batch_size: int = 16,
     json_out: str | None = None,
+    subset_field: str | None = None,
+    report_dir: str | None = None,
     log: RunLog | None = None,
 ) -> dict[str, Any]:
     """`rmtrain eval`: load a saved model (full or adapter), score a preference file, print and save metrics."""
@@ -85,11 +176,10 @@ def run_eval(
     max_length = max_length or trained_max_length or 1024
     rows, name = read_rows(DataSource(path=data_path, split=split))
     check_single_shape(rows, name)
+    subsets_from = subset_column(rows, name, subset_field)
     pairs, stats = tokenize_pairs(rows, name, rm.tokenizer, rm.fmt, max_length, truncation)
     log.info(stats.line(truncation, max_length))
     if not pairs:
-        from rmtrain.data import DataError
-
         raise DataError(f"{name}: no pairs left to evaluate (see the line above); try --truncation truncate")
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
     # Longest first: similar lengths share a batch (less padding), and memory peaks at once, not late.
@@ -97,9 +187,21 @@ def run_eval(
         pairs, layout, rm.fmt.pad_token_id, mask_format, batch_size, 0, shuffle=False, length_grouped=True
     )
     model, dataloader = accelerator.prepare(rm.model, dataloader)
-    metrics, _ = score_pairs(accelerator, model, rm, dataloader)
+    start = time.perf_counter()
+    metrics, per_pair = score_pairs(accelerator, model, rm, dataloader)
+    seconds = time.perf_counter() - start
     metrics["num_pairs_read"] = stats.read
-    log.table(f"eval: {model_path} on {name}", metrics)
-    if json_out and accelerator.is_main_process:
-        Path(json_out).write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    metrics["seconds"] = seconds
+    metrics["pairs_per_s"] = metrics["num_pairs"] / max(seconds, 1e-9)
+    details, records = diagnose(per_pair, pairs, rows, name, subsets_from)
+    results = {**metrics, **details}
+    if accelerator.is_main_process:
+        from rmtrain.report import print_results, write_report
+
+        print_results(log, f"eval: {model_path} on {name}", results)
+        if json_out:
+            Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+        if report_dir:
+            write_report(Path(report_dir), results, records)
+            log.info(f"report: {report_dir} (metrics.json, pairs.jsonl, reward_histogram.png, reliability.png, reward_vs_length.png)")
+    return results
