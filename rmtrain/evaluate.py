@@ -23,7 +23,7 @@ from rmtrain.diagnostics import (
 )
 from rmtrain.log import RunLog
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import RewardModel, batch_rewards, load_saved
+from rmtrain.model import RewardModel, batch_rewards, load_saved, sequence_rewards
 
 
 def gather_pairs(accelerator, *values: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -74,6 +74,55 @@ def score_pairs(
     keep = first_occurrences(per_pair["row"], set())
     per_pair = {k: v[keep] for k, v in per_pair.items()}
     return pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"]), per_pair
+
+
+def collate_sequences(items: list[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded sequences with their keys (2 * row + 0 for chosen, + 1 for rejected)."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(items):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "key": torch.tensor([k for _, k in items])}
+
+
+@torch.inference_mode()
+def score_sequences(
+    accelerator, model, rm: RewardModel, pairs: list[dict[str, Any]], batch_size: int
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """`score_pairs` for layouts without a shared prefix (encoders): every sequence scored on its own.
+
+    Without gradients the two sides of a pair need not share a batch, so all sequences are sorted by length
+    and cut into batches of 2 * batch_size: a batch holds sequences of nearly one length, and padding
+    almost vanishes (a pair-sorted batch still pads each shorter side to its partner's length).
+    """
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    items = [(p[side], 2 * p["row"] + k) for p in pairs for k, side in enumerate(("chosen_ids", "rejected_ids"))]
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    batches = [order[i : i + 2 * batch_size] for i in range(0, len(order), 2 * batch_size)]
+    loader = accelerator.prepare(
+        DataLoader(items, batch_sampler=batches, collate_fn=partial(collate_sequences, pad_token_id=rm.fmt.pad_token_id))
+    )
+    model.eval()
+    keys, rewards = [], []
+    for batch in loader:
+        reward = sequence_rewards(model, rm.head, rm.fmt.is_encoder, batch["input_ids"], batch["attention_mask"]).float()
+        key, reward = gather_pairs(accelerator, reward, row=batch["key"])
+        keys.append(key.cpu())
+        rewards.append(reward.cpu())
+    keys_all, rewards_all = torch.cat(keys), torch.cat(rewards)
+    keep = first_occurrences(keys_all, set())  # accelerate repeats sequences to even out the last batches
+    reward_of = dict(zip(keys_all[keep].tolist(), rewards_all[keep]))
+    chosen = torch.stack([reward_of[2 * p["row"]] for p in pairs])
+    rejected = torch.stack([reward_of[2 * p["row"] + 1] for p in pairs])
+    margin = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32) if "margin" in pairs[0] else None
+    loss = reward_loss(chosen, rejected, margin)
+    per_pair = {"row": torch.tensor([p["row"] for p in pairs]), "chosen": chosen, "rejected": rejected, "loss": loss}
+    return pair_stats(chosen, rejected, loss), per_pair
 
 
 def response_tokens(pair: dict[str, Any]) -> tuple[int, int]:
@@ -182,13 +231,16 @@ def run_eval(
     if not pairs:
         raise DataError(f"{name}: no pairs left to evaluate (see the line above); try --truncation truncate")
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
-    # Longest first: similar lengths share a batch (less padding), and memory peaks at once, not late.
-    dataloader, _ = make_dataloader(
-        pairs, layout, rm.fmt.pad_token_id, mask_format, batch_size, 0, shuffle=False, length_grouped=True
-    )
-    model, dataloader = accelerator.prepare(rm.model, dataloader)
+    model = accelerator.prepare(rm.model)
     start = time.perf_counter()
-    metrics, per_pair = score_pairs(accelerator, model, rm, dataloader)
+    if layout == "shared_prefix":
+        # Longest first: similar lengths share a batch (less padding), and memory peaks at once, not late.
+        dataloader, _ = make_dataloader(
+            pairs, layout, rm.fmt.pad_token_id, mask_format, batch_size, 0, shuffle=False, length_grouped=True
+        )
+        metrics, per_pair = score_pairs(accelerator, model, rm, accelerator.prepare(dataloader))
+    else:
+        metrics, per_pair = score_sequences(accelerator, model, rm, pairs, batch_size)
     seconds = time.perf_counter() - start
     metrics["num_pairs_read"] = stats.read
     metrics["seconds"] = seconds
