@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from rmtrain.config import DataSource
-from rmtrain.batching import _common_prefix, choose_layout, make_dataloader
+from rmtrain.batching import _common_prefix, choose_layout, collate_shared_prefix, pair_cost
 from rmtrain.data import DataError, check_single_shape, read_rows, tokenize_pairs
 from rmtrain.diagnostics import (
     REWARDBENCH_SECTIONS,
@@ -76,6 +78,30 @@ def score_pairs(
     return pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"]), per_pair
 
 
+def sorted_batches(costs: list[int], max_items: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Indices longest first, cut into batches of at most `max_items` whose padding stays within `max_padding`
+    of their padded size (a batch pays its longest item's cost for every item).
+
+    Without gradients nothing needs equal batch sizes, and on a CPU every padded token costs as much as a
+    real one: a sparse long tail of lengths gets small batches, the dense middle full ones.
+    """
+    order = sorted(range(len(costs)), key=lambda i: -costs[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in order:
+        if current:
+            width = costs[current[0]]
+            if len(current) == max_items or width * (len(current) + 1) > (1 + max_padding) * (real + costs[index]):
+                batches.append(current)
+                current, real = [], 0
+        current.append(index)
+        real += costs[index]
+    if current:
+        batches.append(current)
+    return batches
+
+
 def collate_sequences(items: list[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded sequences with their keys (2 * row + 0 for chosen, + 1 for rejected)."""
     width = max(len(ids) for ids, _ in items)
@@ -94,16 +120,11 @@ def score_sequences(
     """`score_pairs` for layouts without a shared prefix (encoders): every sequence scored on its own.
 
     Without gradients the two sides of a pair need not share a batch, so all sequences are sorted by length
-    and cut into batches of 2 * batch_size: a batch holds sequences of nearly one length, and padding
-    almost vanishes (a pair-sorted batch still pads each shorter side to its partner's length).
+    and cut into batches of up to 2 * batch_size (`sorted_batches`): a batch holds sequences of nearly one
+    length (a pair-sorted batch would still pad each shorter side to its partner's length).
     """
-    from functools import partial
-
-    from torch.utils.data import DataLoader
-
     items = [(p[side], 2 * p["row"] + k) for p in pairs for k, side in enumerate(("chosen_ids", "rejected_ids"))]
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-    batches = [order[i : i + 2 * batch_size] for i in range(0, len(order), 2 * batch_size)]
+    batches = sorted_batches([len(ids) for ids, _ in items], 2 * batch_size)
     loader = accelerator.prepare(
         DataLoader(items, batch_sampler=batches, collate_fn=partial(collate_sequences, pad_token_id=rm.fmt.pad_token_id))
     )
@@ -221,11 +242,12 @@ def run_eval(
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     log = log or RunLog(enabled=accelerator.is_main_process)
-    rm, trained_max_length = load_saved(model_path)
-    max_length = max_length or trained_max_length or 1024
+    # The data first: its mistakes are reported before the model takes its time to load.
     rows, name = read_rows(DataSource(path=data_path, split=split))
     check_single_shape(rows, name)
     subsets_from = subset_column(rows, name, subset_field)
+    rm, trained_max_length = load_saved(model_path)
+    max_length = max_length or trained_max_length or 1024
     pairs, stats = tokenize_pairs(rows, name, rm.tokenizer, rm.fmt, max_length, truncation)
     log.info(stats.line(truncation, max_length))
     if not pairs:
@@ -234,11 +256,11 @@ def run_eval(
     model = accelerator.prepare(rm.model)
     start = time.perf_counter()
     if layout == "shared_prefix":
-        # Longest first: similar lengths share a batch (less padding), and memory peaks at once, not late.
-        dataloader, _ = make_dataloader(
-            pairs, layout, rm.fmt.pad_token_id, mask_format, batch_size, 0, shuffle=False, length_grouped=True
-        )
-        metrics, per_pair = score_pairs(accelerator, model, rm, accelerator.prepare(dataloader))
+        # Longest first (memory peaks at once, not late), batches of nearly one length.
+        collate = partial(collate_shared_prefix, pad_token_id=rm.fmt.pad_token_id, mask_format=mask_format)
+        batches = sorted_batches([pair_cost(p, layout) for p in pairs], batch_size)
+        dataloader = accelerator.prepare(DataLoader(pairs, batch_sampler=batches, collate_fn=collate))
+        metrics, per_pair = score_pairs(accelerator, model, rm, dataloader)
     else:
         metrics, per_pair = score_sequences(accelerator, model, rm, pairs, batch_size)
     seconds = time.perf_counter() - start
