@@ -33,10 +33,11 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/rmtrain eval runs/demo --data data/demo/eval.jsonl --json runs/demo/eval.json
 
 # rmtrain vs TRL 1.16 RewardTrainer on the same models, data and settings (TRL installed as the bench extra).
-# BENCH_ARGS=--quick for a short smoke run.
+# BENCH_ARGS=--quick for a short smoke run; then `rmtrain eval` vs TRL evaluate() (BENCH_EVAL_ARGS=--quick).
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_eval.py $(BENCH_EVAL_ARGS)
 
 clean:
 	rm -rf runs data/demo .pytest_cache

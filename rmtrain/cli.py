@@ -83,6 +83,12 @@ def eval_command(
     truncation: str = typer.Option("filter", "--truncation", help="filter (drop longer pairs, as TRL) or truncate."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pairs per batch."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics to this JSON file."),
+    subset_field: Optional[str] = typer.Option(
+        None, "--subset-field", help="Column naming each row's subset, for per-subset accuracy (default: 'subset' if present)."
+    ),
+    report: Optional[str] = typer.Option(
+        None, "--report", help="Folder for metrics.json, pairs.jsonl (per-pair rewards) and PNG plots."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Evaluate a saved reward model on preference pairs."""
@@ -95,7 +101,7 @@ def eval_command(
         _quiet_libraries()
         from rmtrain.evaluate import run_eval
 
-        run_eval(model, data, split, max_length, truncation, batch_size, json_out)
+        run_eval(model, data, split, max_length, truncation, batch_size, json_out, subset_field, report)
 
     _run(debug, action)
 

@@ -143,6 +143,18 @@ def test_smollm2_lora_fit_adapter_and_merged_folder(tmp_path, smollm2, shared_da
     adapter_rewards, texts = rmtrain_rewards(out, rows)
     merged_rewards = plain_rewards(out / "merged", texts, tmp_path)
     assert max(abs(a - b) for a, b in zip(adapter_rewards, merged_rewards)) < 1e-3
+    # rmtrain eval --report on the adapter folder reproduces the run's final eval (margins from the data).
+    eval_rows = [r for r in read_jsonl(shared_data / "ultrafeedback_binarized_sample.jsonl") if r["split"] == "eval_sample"][:4]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    result = rmtrain_cli("eval", str(out), "--data", str(eval_file), "--truncation", "truncate", "--report", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((out / "run_info.json").read_text())["final_eval"]
+    evaluated = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert evaluated["num_pairs"] == final["num_pairs"] == 4
+    assert evaluated["accuracy"] == final["accuracy"] and abs(evaluated["loss"] - final["loss"]) < 1e-4
+    records = [json.loads(line) for line in (tmp_path / "report" / "pairs.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in records] == [0, 1, 2, 3] and (tmp_path / "report" / "reliability.png").is_file()
 
 
 def test_passes_of_at_most_max_tokens_per_forward_train_the_same_model(tmp_path, tiny_qwen3, shared_data):
