@@ -115,9 +115,9 @@ class TrainConfig:
     """length_grouped: batches of similar length (shuffled mega-batches), so little padding is computed."""
     max_tokens_per_batch: int | None = None
     """Instead of a fixed pair count: as many pairs per batch as fit this many computed tokens (padding included)."""
-    max_tokens_per_forward: int | None = 4096
+    max_tokens_per_forward: int | None = 8192
     """Compute each batch in forward/backward passes of at most this many tokens: same gradient, bounded
-    activation memory. null: the whole batch in one pass."""
+    activation memory (evaluation batches are cut to it too). null: the whole batch in one pass."""
     padding_free: bool = False
     """Decoders: all sequences of a batch in one row, position ids restarting (varlen attention on CUDA)."""
     share_prefix: bool = True

@@ -95,7 +95,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         # Longest first: similar lengths share a batch, and memory peaks at once, not late.
         eval_dl, _ = make_dataloader(
             eval_pairs, layout, rm.fmt.pad_token_id, mask_format, t.eval_batch_size or t.per_device_batch_size, t.seed,
-            shuffle=False, length_grouped=True,
+            shuffle=False, length_grouped=True, max_tokens=max_tokens_per_forward,  # bounded memory here too
         )
     line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
     line += f", at most {max_tokens_per_forward} tokens per forward" if max_tokens_per_forward else ", one forward per batch"
@@ -418,7 +418,7 @@ def out_of_memory_message(batch: dict | None, t, step: int) -> str:
     where = (
         f"out of memory at step {step + 1} in a forward/backward pass of {pairs} pair(s), {tokens:,} tokens "
         f"({rows} rows x {width}; train.per_device_batch_size: {t.per_device_batch_size}, "
-        f"train.max_tokens_per_forward: {t.max_tokens_per_forward})"
+        f"train.max_tokens_per_forward: {t.max_tokens_per_forward or 'null'})"
     )
     if pairs == 1:
         return f"{where}; a single pair does not fit: lower data.max_length or set train.gradient_checkpointing: true"

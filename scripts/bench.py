@@ -71,7 +71,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rmtrain.config import TrainConfig  # noqa: E402
 from tests.assets import SMOLLM2_GGUF, minilm_dir, shared_data_dir, smollm2_dir  # noqa: E402
 
 HH_ROWS = {"hh_harmless_test.jsonl": 2312, "hh_helpful_base_test.jsonl": 2352}
@@ -374,24 +373,32 @@ def build_models(work: Path, cases: list[str], verbose: bool) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Ablation (--ablation): rmtrain alone, adding one technique at a time, same case and seed
 
-# (label, train overrides, decoders only). The last row is rmtrain's defaults (the main bench run).
+# (label, train overrides, decoders only): one technique at a time from TRL-like batches, one pass per batch.
+# rmtrain's defaults (the main bench run: length-grouped, shared prefix for decoders, passes of at most
+# TrainConfig.max_tokens_per_forward tokens) follow, then smaller passes, the memory knob.
 ABLATION = [
     ("plain: random batches, two padded rows per pair", {"batching": "plain", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
     ("+ length-grouped batches", {"batching": "length_grouped", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
     ("+ length-grouped + padding-free", {"batching": "length_grouped", "share_prefix": False, "padding_free": True, "max_tokens_per_forward": None}, True),
     ("+ length-grouped + shared prefix", {"batching": "length_grouped", "share_prefix": True, "padding_free": False, "max_tokens_per_forward": None}, True),
 ]
-DEFAULTS_LABEL = f"rmtrain defaults (+ passes of at most {TrainConfig.max_tokens_per_forward} tokens)"
+DEFAULTS_LABEL = "rmtrain defaults (passes of at most 8192 tokens)"
+PASS_TOKENS = 4096
+PASSES = (f"defaults with passes of at most {PASS_TOKENS} tokens", {"max_tokens_per_forward": PASS_TOKENS})
 
 
-def ablation_table(name: str, case: dict, rows: list[tuple[str, dict]]) -> str:
-    header = ("rmtrain run", "pairs/s", "vs plain", "computed tok", "computed/real", "peak RSS GiB", "eval acc", "acc - plain")
-    lines = [f"**Ablation, {name}** (same settings as above, rmtrain only)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def ablation_table(name: str, case: dict, rows: list[tuple[str, dict]], trl: dict) -> str:
+    header = ("rmtrain run", "pairs/s", "vs plain", "vs TRL", "computed tok", "computed/real", "peak RSS GiB", "RSS vs TRL",
+              "eval acc", "acc - plain")
+    lines = [f"**Ablation, {name}** (same settings and data as above, rmtrain only; TRL's run above for the ratios)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     plain = rows[0][1]
     for label, r in rows:
-        cells = (label, f"{r['pairs_per_s']:.2f}", f"x{r['pairs_per_s'] / plain['pairs_per_s']:.2f}", f"{r['computed_tokens']:,}",
+        cells = (label, f"{r['pairs_per_s']:.2f}", f"x{r['pairs_per_s'] / plain['pairs_per_s']:.2f}",
+                 f"x{r['pairs_per_s'] / trl['pairs_per_s']:.2f}", f"{r['computed_tokens']:,}",
                  f"{r['computed_tokens'] / r['real_tokens']:.2f}", f"{r['peak_rss_kib'] / 2**20:.2f}",
-                 f"{r['eval_accuracy']:.3f}", f"{r['eval_accuracy'] - plain['eval_accuracy']:+.3f}")
+                 f"x{r['peak_rss_kib'] / trl['peak_rss_kib']:.2f}", f"{r['eval_accuracy']:.3f}",
+                 f"{r['eval_accuracy'] - plain['eval_accuracy']:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     busy = [r for _, r in rows if r["other_cpu_cores"] and r["other_cpu_cores"] > BUSY_CORES]
     if busy:
@@ -540,17 +547,18 @@ def main() -> int:
             results["cases"][name] = {"settings": {k: v for k, v in case.items()}, "runs": runs, "summary": summary}
             table = case_table(name, case, runs, summary)
             if args.ablation:
+                decoder = name != "minilm-helpful"
                 rows = []
-                for i, (label, overrides, decoders_only) in enumerate(ABLATION):
-                    if decoders_only and name == "minilm-helpful":
-                        continue
+                variants = [(label, o) for label, o, decoders_only in ABLATION if decoder or not decoders_only]
+                for i, (label, overrides) in enumerate(variants + [PASSES]):
                     print(f"[{time.perf_counter() - started:6.0f}s] {name}: ablation {label} ...", end=" ", flush=True)
                     r = run_rmtrain(case, work / name / f"ablation-{i}", args.verbose, overrides)
-                    print(f"{r['pairs_per_s']:.2f} pairs/s, eval acc {r['eval_accuracy']:.3f}", flush=True)
+                    print(f"{r['pairs_per_s']:.2f} pairs/s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} GiB, eval acc {r['eval_accuracy']:.3f}", flush=True)
                     rows.append((label, r))
-                rows.append((DEFAULTS_LABEL, next(r for r in runs if r["tool"] == "rmtrain")))
+                rows.insert(len(variants), (DEFAULTS_LABEL, next(r for r in runs if r["tool"] == "rmtrain")))
+                trl = next(r for r in runs if r["tool"] == "trl")
                 results["cases"][name]["ablation"] = [{"label": label, **r} for label, r in rows]
-                table += "\n\n" + ablation_table(name, case, rows)
+                table += "\n\n" + ablation_table(name, case, rows, trl)
             tables.append(table)
             print("\n" + table + "\n", flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a later failure
