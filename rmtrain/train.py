@@ -293,7 +293,10 @@ def keep_freed_memory_for_reuse() -> None:
     Blocks above 32 MB are mmap-ed and unmapped on free, so every step the dense gradient of a large
     embedding (151936 x 128 floats on tiny Qwen3) is allocated in fresh pages and page-faulted in while
     being zeroed. Serving them from the heap and not trimming it cut a tiny-Qwen3 CPU step by about 17%
-    (backward 79 -> 58 ms, zero_grad 5.5 -> 0.3 ms); peak RSS on MiniLM moved by under 0.1 GiB.
+    (backward 79 -> 58 ms, zero_grad 5.5 -> 0.3 ms). The price is memory: freed blocks stay with the
+    process and are reused imperfectly, so peak RSS grows when activation sizes vary (MiniLM in one pass
+    per batch: 4.5 -> 5.0 GiB in `make bench`); bounded passes (`train.max_tokens_per_forward`) keep it down.
+    CUDA memory is unaffected (PyTorch's caching allocator already reuses it).
     """
     import ctypes
     import ctypes.util
