@@ -486,6 +486,17 @@ def case_table(name: str, case: dict, runs: list[dict], summary: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def check_prerequisites() -> Path | None:
+    """The shared data folder, or None after saying what is missing (TRL or ../shared/data)."""
+    if importlib.util.find_spec("trl") is None:
+        print("error: TRL is not installed in this environment: pip install trl==1.16.0", file=sys.stderr)
+        return None
+    data_dir = shared_data_dir()
+    if data_dir is None:
+        print("error: ../shared/data (the preference data) is absent", file=sys.stderr)
+    return data_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)} (default: all)")
@@ -505,12 +516,8 @@ def main() -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if importlib.util.find_spec("trl") is None:
-        print("error: TRL is not installed in this environment: pip install trl==1.16.0", file=sys.stderr)
-        return 2
-    data_dir = shared_data_dir()
+    data_dir = check_prerequisites()
     if data_dir is None:
-        print("error: ../shared/data (the preference data) is absent", file=sys.stderr)
         return 2
 
     machine = machine_info()

@@ -33,7 +33,6 @@ Cases (eval rows, default / --quick):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -52,11 +51,11 @@ from bench import (  # noqa: E402
     MAX_LENGTH,
     RunFailed,
     build_models,
+    check_prerequisites,
     machine_info,
     machine_line,
     minilm_dir,
     run_child,
-    shared_data_dir,
 )
 
 SIZES = {"qwen3-hh": {"default": 512, "quick": 128}, "minilm-helpful": {"default": 512, "quick": 64}}
@@ -219,12 +218,8 @@ def main() -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if any(c not in SIZES for c in cases):
         parser.error(f"unknown case in {args.cases!r}; choose from {', '.join(CASES)}")
-    if importlib.util.find_spec("trl") is None:
-        print("error: TRL is not installed in this environment: pip install trl==1.16.0", file=sys.stderr)
-        return 2
-    data_dir = shared_data_dir()
+    data_dir = check_prerequisites()
     if data_dir is None:
-        print("error: ../shared/data (the preference data) is absent", file=sys.stderr)
         return 2
 
     if args.threads:
