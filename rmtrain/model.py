@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,51 @@ class RewardModel:
     head: nn.Module
     """The module producing per-token scores (decoders) or the pooled logit (encoders)."""
     head_name: str
+
+
+# --------------------------------------------------------------------------------------------------
+# How many tokens one forward pass may hold
+
+
+CPU_ACTIVATION_BUDGET = 2**30
+"""Bytes of activations an automatic pass may keep on the CPU (RAM is shared with everything else).
+On an accelerator the budget is an eighth of its memory."""
+
+
+def activation_bytes_per_token(config, dtype_bytes: int, gradient_checkpointing: bool) -> int | None:
+    """Rough bytes of activations a training forward keeps per token, or None if the config lacks the sizes.
+
+    Per layer and token a transformer block keeps about 8 hidden-size vectors (norm inputs, q/k/v, attention
+    output, residuals) and 4 intermediate-size vectors (the MLP's inputs and outputs) for the backward.
+    With gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time.
+    Attention scores are not counted: SDPA and flash kernels do not keep them.
+    """
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, layers = getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None)
+    if not hidden or not layers:
+        return None
+    intermediate = getattr(c, "intermediate_size", None) or 4 * hidden
+    per_layer = 8 * hidden + 4 * intermediate
+    vectors = layers * hidden + per_layer if gradient_checkpointing else layers * per_layer
+    return dtype_bytes * vectors
+
+
+def auto_tokens_per_forward(config, bf16: bool, gradient_checkpointing: bool, device: torch.device) -> tuple[int, str]:
+    """`max_tokens_per_forward: auto`: the largest power of two whose estimated activations fit the budget
+    (`CPU_ACTIVATION_BUDGET`, or an eighth of the accelerator's memory), and a note saying how it was chosen.
+
+    A fixed token count would be the wrong unit: a token of MiniLM keeps 9x the activations of a token of a
+    2-layer model, and a 7B model's many times more.
+    """
+    budget = CPU_ACTIVATION_BUDGET
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory // 8
+    per_token = activation_bytes_per_token(config, 2 if bf16 else 4, gradient_checkpointing)
+    if per_token is None:
+        return 8192, "auto: the model config gives no hidden_size/num_hidden_layers, 8192"
+    tokens = max(256, 2 ** int(math.log2(max(budget / per_token, 1))))
+    note = f"auto: ~{per_token / 1024:.0f} KiB of activations per token, {budget / 2**30:.1f} GiB per pass"
+    return tokens, note
 
 
 # --------------------------------------------------------------------------------------------------

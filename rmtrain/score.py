@@ -25,8 +25,9 @@ from rmtrain.data import (
     special_token_frame,
     truncate_left,
 )
+from rmtrain.evaluate import sorted_batches
 from rmtrain.log import RunLog
-from rmtrain.model import RewardModel, load_saved, sequence_rewards
+from rmtrain.model import RewardModel, auto_tokens_per_forward, load_saved, sequence_rewards
 
 # The row shapes `rmtrain score` accepts (without --field), documented in the README.
 SHAPES = "'text', 'messages', or 'prompt' with 'completion' (or 'response')"
@@ -106,16 +107,13 @@ def tokenize_inputs(
     return ids, truncated  # type: ignore[return-value]
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Row indices, longest first, in batches of `batch_size` (similar lengths: little padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 @torch.inference_mode()
-def reward_batches(rm: RewardModel, ids: list[list[int]], batch_size: int, device) -> Iterator[tuple[list[int], list[float]]]:
-    """(row indices, rewards) per batch, longest batch first. Rewards read as in training (last real token)."""
-    for batch in length_batches([len(s) for s in ids], batch_size):
+def reward_batches(
+    rm: RewardModel, ids: list[list[int]], batch_size: int, max_tokens: int | None, device
+) -> Iterator[tuple[list[int], list[float]]]:
+    """(row indices, rewards) per batch, longest batch first, batches cut as eval cuts them (`sorted_batches`).
+    Rewards read as in training (last real token)."""
+    for batch in sorted_batches([len(s) for s in ids], batch_size, max_tokens):
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.full((len(batch), width), rm.fmt.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -145,8 +143,12 @@ def run_score(
     batch_size: int = 16,
     in_order: bool = False,
     log: RunLog | None = None,
+    max_tokens_per_forward: int | str | None = "auto",
 ) -> int:
-    """`rmtrain score`: every row checked and tokenized before the output is opened; returns the row count."""
+    """`rmtrain score`: every row checked and tokenized before the output is opened; returns the row count.
+
+    Batches hold at most `batch_size` sequences and `max_tokens_per_forward` tokens ("auto": as `rmtrain eval`).
+    """
     log = log or RunLog()
     if out != "-" and not Path(out).parent.is_dir():
         raise DataError(f"--out: {out}: folder {Path(out).parent} does not exist; create it or pick another path")
@@ -158,10 +160,13 @@ def run_score(
     ids, truncated = tokenize_inputs(rows, name, field, rm, max_length)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rm.model.to(device)
+    if max_tokens_per_forward == "auto":
+        bf16 = next(rm.model.parameters()).dtype == torch.bfloat16
+        max_tokens_per_forward, _ = auto_tokens_per_forward(rm.model.config, bf16, False, device)
     waiting: dict[int, str] = {}
     next_row = 0
     with _output(out) as handle:
-        for batch, rewards in reward_batches(rm, ids, batch_size, device):
+        for batch, rewards in reward_batches(rm, ids, batch_size, max_tokens_per_forward, device):
             for i, reward in zip(batch, rewards):
                 record = {"row": i + 1, "reward": reward, "tokens": len(ids[i])} | ({"truncated": True} if truncated[i] else {})
                 waiting[i] = json.dumps(record)

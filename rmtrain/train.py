@@ -22,7 +22,7 @@ from rmtrain.data import load_pairs, read_splits
 from rmtrain.evaluate import first_occurrences, gather_pairs, score_pairs
 from rmtrain.log import RunLog, Throughput, truncate_metrics_file
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import batch_rewards, load_reward_model, load_saved, merged_copy, save_model_folder
+from rmtrain.model import auto_tokens_per_forward, batch_rewards, load_reward_model, load_saved, merged_copy, save_model_folder
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -80,7 +80,11 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free)
     if note:
         log.info(note)
-    max_tokens_per_forward = t.max_tokens_per_forward
+    max_tokens_per_forward, budget_note = t.max_tokens_per_forward, ""
+    if max_tokens_per_forward == "auto":
+        max_tokens_per_forward, budget_note = auto_tokens_per_forward(
+            rm.model.config, bf16, t.gradient_checkpointing, accelerator.device
+        )
     if max_tokens_per_forward and accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed steps the optimizer inside backward(): one backward per batch.
         log.info("DeepSpeed: train.max_tokens_per_forward does not apply, each batch runs in one pass")
@@ -98,7 +102,10 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             shuffle=False, length_grouped=True, max_tokens=max_tokens_per_forward,  # bounded memory here too
         )
     line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
-    line += f", at most {max_tokens_per_forward} tokens per forward" if max_tokens_per_forward else ", one forward per batch"
+    if max_tokens_per_forward:
+        line += f", at most {max_tokens_per_forward} tokens per forward" + (f" ({budget_note})" if budget_note else "")
+    else:
+        line += ", one forward per batch"
     if length_sampler is not None:
         computed, real, unique = token_counts(train_pairs, length_sampler, layout)
         line += f"; tokens per epoch: {computed:,} computed, {real:,} real ({computed / real:.2f}x), {unique:,} unique"
@@ -259,7 +266,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
-        raise ResourceError(out_of_memory_message(batch, t, step)) from None
+        raise ResourceError(out_of_memory_message(batch, t, step, max_tokens_per_forward)) from None
     finally:
         stop.restore()
         log.stop_progress()
@@ -276,6 +283,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         "steps": step,
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs) if eval_pairs else 0,
+        "max_tokens_per_forward": max_tokens_per_forward,  # resolved when the recipe says auto
         "final_eval": last_eval,
         "train": speed.totals(),
     }
@@ -409,7 +417,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or any(text in str(error) for text in CPU_OUT_OF_MEMORY)
 
 
-def out_of_memory_message(batch: dict | None, t, step: int) -> str:
+def out_of_memory_message(batch: dict | None, t, step: int, max_tokens_per_forward: int | None) -> str:
     if batch is None:
         return (
             f"out of memory before the first forward pass ran (train.per_device_batch_size: {t.per_device_batch_size}); "
@@ -421,7 +429,8 @@ def out_of_memory_message(batch: dict | None, t, step: int) -> str:
     where = (
         f"out of memory at step {step + 1} in a forward/backward pass of {pairs} pair(s), {tokens:,} tokens "
         f"({rows} rows x {width}; train.per_device_batch_size: {t.per_device_batch_size}, "
-        f"train.max_tokens_per_forward: {t.max_tokens_per_forward or 'null'})"
+        f"train.max_tokens_per_forward: {t.max_tokens_per_forward or 'null'}"
+        + (f" = {max_tokens_per_forward}" if t.max_tokens_per_forward == "auto" else "") + ")"
     )
     if pairs == 1:
         return f"{where}; a single pair does not fit: lower data.max_length or set train.gradient_checkpointing: true"

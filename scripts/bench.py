@@ -375,16 +375,15 @@ def build_models(work: Path, cases: list[str], verbose: bool) -> Path:
 
 # (label, train overrides, decoders only): one technique at a time from TRL-like batches, one pass per batch.
 # rmtrain's defaults (the main bench run: length-grouped, shared prefix for decoders, passes of at most
-# TrainConfig.max_tokens_per_forward tokens) follow, then smaller passes, the memory knob.
+# max_tokens_per_forward: auto tokens, chosen from the model's size) follow, then the earlier fixed default.
 ABLATION = [
     ("plain: random batches, two padded rows per pair", {"batching": "plain", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
     ("+ length-grouped batches", {"batching": "length_grouped", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
     ("+ length-grouped + padding-free", {"batching": "length_grouped", "share_prefix": False, "padding_free": True, "max_tokens_per_forward": None}, True),
     ("+ length-grouped + shared prefix", {"batching": "length_grouped", "share_prefix": True, "padding_free": False, "max_tokens_per_forward": None}, True),
 ]
-DEFAULTS_LABEL = "rmtrain defaults (passes of at most 8192 tokens)"
-PASS_TOKENS = 4096
-PASSES = (f"defaults with passes of at most {PASS_TOKENS} tokens", {"max_tokens_per_forward": PASS_TOKENS})
+PASS_TOKENS = 8192
+PASSES = (f"defaults with passes of at most {PASS_TOKENS} tokens (the fixed default before auto)", {"max_tokens_per_forward": PASS_TOKENS})
 
 
 def ablation_table(name: str, case: dict, rows: list[tuple[str, dict]], trl: dict) -> str:
@@ -562,7 +561,9 @@ def main() -> int:
                     r = run_rmtrain(case, work / name / f"ablation-{i}", args.verbose, overrides)
                     print(f"{r['pairs_per_s']:.2f} pairs/s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} GiB, eval acc {r['eval_accuracy']:.3f}", flush=True)
                     rows.append((label, r))
-                rows.insert(len(variants), (DEFAULTS_LABEL, next(r for r in runs if r["tool"] == "rmtrain")))
+                default_run = next(r for r in runs if r["tool"] == "rmtrain")
+                budget = default_run["raw"].get("max_tokens_per_forward")
+                rows.insert(len(variants), (f"rmtrain defaults (auto: passes of at most {budget} tokens)", default_run))
                 trl = next(r for r in runs if r["tool"] == "trl")
                 results["cases"][name]["ablation"] = [{"label": label, **r} for label, r in rows]
                 table += "\n\n" + ablation_table(name, case, rows, trl)

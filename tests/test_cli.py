@@ -351,3 +351,11 @@ def test_eval_missing_data_file(tmp_path, tiny_qwen3):
     (line,) = assert_user_error(result, 1)
     assert line == f"error: {missing}: no such file or folder"
     assert not json_out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "score"])
+def test_max_tokens_per_forward_option_is_checked_before_anything_loads(tmp_path, command):
+    result = rmtrain_cli(command, str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl"),
+                         "--max-tokens-per-forward", "big")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --max-tokens-per-forward: expected a number >= 16, auto or none, got 'big'"

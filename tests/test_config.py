@@ -64,6 +64,18 @@ def test_wrong_types_and_literals(tmp_path):
     assert "data.max_length: must be at least 8, got 4" in joined
 
 
+def test_max_tokens_per_forward_is_a_number_auto_or_null(tmp_path):
+    assert load_recipe(write(tmp_path, MINIMAL)).train.max_tokens_per_forward == "auto"
+    for value, expected in (("4096", 4096), ("null", None), ("auto", "auto")):
+        assert load_recipe(write(tmp_path, MINIMAL), [f"train.max_tokens_per_forward={value}"]).train.max_tokens_per_forward == expected
+    assert problems(tmp_path, MINIMAL, ["train.max_tokens_per_forward=big"]) == [
+        "train.max_tokens_per_forward: expected int or 'auto' or null, got str 'big'"
+    ]
+    assert problems(tmp_path, MINIMAL, ["train.max_tokens_per_forward=8"]) == [
+        "train.max_tokens_per_forward: must be >= 16, auto or null, got 8"
+    ]
+
+
 def test_missing_required_keys_and_num_labels(tmp_path):
     found = problems(tmp_path, "model: {init_kwargs: {num_labels: 2}}\n")
     joined = "\n".join(found)

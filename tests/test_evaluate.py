@@ -124,6 +124,10 @@ def test_sorted_batches_hand_case():
     # [10, 9] (20 <= 1.1 * 19), then 5 would make 30 > 1.1 * 24; [5, 5, 4] (15 <= 1.1 * 14) is full; [1].
     assert sorted_batches([10, 9, 5, 5, 4, 1], max_items=3) == [[0, 1], [2, 3, 4], [5]]
     assert sorted_batches([3, 7], max_items=8, max_padding=1.0) == [[1, 0]]
+    # A token budget of 12 also closes batches: [10] alone (2 x 10 > 12), [9], [5, 5] (15 > 12 with the 4),
+    # then [4, 1] is cut by padding (8 > 1.1 * 5); an item over the budget still gets its own batch.
+    assert sorted_batches([10, 9, 5, 5, 4, 1], max_items=3, max_tokens=12) == [[0], [1], [2, 3], [4], [5]]
+    assert sorted_batches([30, 2], max_items=3, max_tokens=12) == [[0], [1]]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -187,7 +187,9 @@ def test_minilm_on_hh_beats_chance(tmp_path, minilm, shared_data):
         "train": {"output_dir": str(out), "per_device_batch_size": 16, "learning_rate": 5e-5, "num_epochs": 1,
                   "gradient_checkpointing": False, "logging_steps": 10},
     }
-    fit(tmp_path, tree)
+    result = fit(tmp_path, tree)
+    # The automatic pass budget for MiniLM in fp32 without checkpointing (hand-computed in test_model.py).
+    assert "at most 4096 tokens per forward (auto: ~216 KiB of activations per token, 1.0 GiB per pass)" in result.stderr
     final = json.loads((out / "run_info.json").read_text())["final_eval"]
     bar = 0.618 if FULL else 0.56
     assert final["accuracy"] >= bar, final

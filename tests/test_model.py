@@ -8,7 +8,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rmtrain.config import LoraConfig, ModelConfig
-from rmtrain.model import ModelError, choose_pad_token, load_reward_model, sequence_rewards
+from rmtrain.model import (
+    ModelError,
+    activation_bytes_per_token,
+    auto_tokens_per_forward,
+    choose_pad_token,
+    load_reward_model,
+    sequence_rewards,
+)
 
 
 def pad(seqs, pad_id, side):
@@ -92,3 +99,21 @@ def test_chat_template_path_takes_a_jinja_file_or_a_tokenizer_folder(tiny_qwen3,
     assert from_file.chat_template == from_folder.chat_template == template_file.read_text()
     messages = [{"role": "user", "content": "hi"}]
     assert "<|im_start|>user\nhi<|im_end|>" in from_file.apply_chat_template(messages, tokenize=False)
+
+
+def test_auto_tokens_per_forward_from_the_real_minilm_config(minilm):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(minilm)  # 6 layers, hidden 384, intermediate 1536
+    cpu = torch.device("cpu")
+    # Per layer and token 8 * 384 + 4 * 1536 = 9216 floats; 6 layers in fp32: 221,184 bytes;
+    # 1 GiB / 221,184 = 4854 tokens, the power of two below: 4096.
+    assert activation_bytes_per_token(config, 4, gradient_checkpointing=False) == 4 * 6 * 9216
+    assert auto_tokens_per_forward(config, False, False, cpu)[0] == 4096
+    # Checkpointed: each layer's input (6 * 384) plus one layer recomputed (9216): 46,080 bytes -> 23,301 -> 16384.
+    assert activation_bytes_per_token(config, 4, gradient_checkpointing=True) == 4 * (6 * 384 + 9216)
+    assert auto_tokens_per_forward(config, False, True, cpu)[0] == 16384
+    # bf16 halves the bytes: twice the tokens. A config without the sizes gets a stated fixed budget.
+    assert auto_tokens_per_forward(config, True, False, cpu)[0] == 8192
+    tokens, note = auto_tokens_per_forward(object(), False, False, cpu)
+    assert tokens == 8192 and "no hidden_size/num_hidden_layers" in note
