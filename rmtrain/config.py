@@ -119,6 +119,10 @@ class TrainConfig:
     """Compute each batch in forward/backward passes of at most this many tokens: same gradient, bounded
     activation memory (evaluation batches are cut to it too). auto: the largest power of two whose estimated
     activations fit 1 GiB on the CPU (an eighth of an accelerator's memory). null: the whole batch in one pass."""
+    embedding_rows: Literal["seen", "all"] = "seen"
+    """seen: only the input-embedding rows of tokens in the training data go to the optimizer (with weight
+    decay 0 the others would get exactly zero updates, so the training is the same, with a cheaper step).
+    all: every row, as TRL."""
     padding_free: bool = False
     """Decoders: all sequences of a batch in one row, position ids restarting (varlen attention on CUDA)."""
     share_prefix: bool = True

@@ -22,7 +22,17 @@ from rmtrain.data import load_pairs, read_splits
 from rmtrain.evaluate import first_occurrences, gather_pairs, score_pairs
 from rmtrain.log import RunLog, Throughput, truncate_metrics_file
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import auto_tokens_per_forward, batch_rewards, load_reward_model, load_saved, merged_copy, save_model_folder
+from rmtrain.model import (
+    auto_tokens_per_forward,
+    batch_rewards,
+    load_reward_model,
+    load_saved,
+    merged_copy,
+    restore_full_embedding,
+    save_model_folder,
+    seen_rows_count,
+    train_seen_rows_only,
+)
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -112,6 +122,15 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     log.info(line)
 
     # Optimizer, schedule ----------------------------------------------------------------------
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if t.embedding_rows == "seen" and not sharded:
+        token_ids = {rm.fmt.pad_token_id}
+        for pair in train_pairs:
+            token_ids.update(pair["chosen_ids"], pair["rejected_ids"])
+        note = train_seen_rows_only(rm.model, torch.tensor(sorted(token_ids)), t.weight_decay)
+        if note:
+            log.info(note)
+    seen_embedding_rows = seen_rows_count(rm.model)
     trainable = [p for p in rm.model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
@@ -137,8 +156,14 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     # Resume -----------------------------------------------------------------------------------
     step, epoch, batches_done, skipped_steps = 0, 0, 0, 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / STATE_FILE).read_text())
+        if state.get("seen_embedding_rows") != seen_embedding_rows:
+            raise RunDirError(
+                f"{checkpoint}: trained {state.get('seen_embedding_rows') or 'all'} embedding rows, this run's training data "
+                f"gives {seen_embedding_rows or 'all'} (train.embedding_rows: {t.embedding_rows}); resume with the data and "
+                "settings the run started with"
+            )
+        accelerator.load_state(str(checkpoint))
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
         skipped_steps = state.get("skipped_steps", 0)
         if batches_done >= len(train_dl):
@@ -245,7 +270,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     speed.resume()
                 if t.save_steps and step % t.save_steps == 0 and step != total_steps and not nonfinite_in_a_row:
                     speed.pause()
-                    save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit, skipped_steps)
+                    save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit, skipped_steps, seen_embedding_rows)
                     saved_step = step
                     speed.resume()
                 if step >= total_steps:
@@ -253,7 +278,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                 if stop.agreed(accelerator):
                     log.stop_progress()
                     if saved_step != step:
-                        save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit, skipped_steps)
+                        save_checkpoint(accelerator, out, step, epoch, batches_done, t.save_total_limit, skipped_steps, seen_embedding_rows)
                     # The run's resolved recipe holds the command-line overrides and the output folder.
                     resume_command = f"rmtrain fit {out / 'recipe.yaml'} --resume"
                     if accelerator.num_processes > 1:
@@ -501,7 +526,14 @@ def latest_checkpoint(out: Path, log: RunLog | None = None) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator, out: Path, step: int, epoch: int, batches_in_epoch: int, limit: int | None, skipped_steps: int = 0
+    accelerator,
+    out: Path,
+    step: int,
+    epoch: int,
+    batches_in_epoch: int,
+    limit: int | None,
+    skipped_steps: int = 0,
+    seen_embedding_rows: int | None = None,
 ) -> Path:
     """Model/adapter, optimizer, scheduler, RNG and data position, written under a temporary name and renamed."""
     root = out / "checkpoints"
@@ -514,7 +546,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "skipped_steps": skipped_steps}
+            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "skipped_steps": skipped_steps,
+                     "seen_embedding_rows": seen_embedding_rows}
             (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
     except Exception as error:
         raise_if_write_failed(error, f"checkpoint-{step}", tmp, out)
@@ -539,6 +572,8 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if recipe.lora is None:
+        restore_full_embedding(unwrapped)  # the trained rows back into one plain table
     # FSDP and DeepSpeed hold shards: gather full weights (a collective, every rank). PEFT's save_pretrained
     # keeps the adapter and head entries of a full state dict, so LoRA takes the same path.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)

@@ -237,6 +237,13 @@ def existing_run(ctx: Ctx) -> list[str]:
     return ctx.fit()
 
 
+def resume_with_other_data(ctx: Ctx) -> list[str]:
+    first = rmtrain_cli(*ctx.fit(train={"max_steps": 2, "save_steps": 1}, rows=GOOD_ROWS[:2]))
+    assert first.returncode == 0, first.stderr[-2000:]
+    ctx.before = snapshot(ctx.out)
+    return [*ctx.fit(train={"max_steps": 3, "save_steps": 1}, rows=GOOD_ROWS[2:]), "--resume"]
+
+
 def foreign_folder(ctx: Ctx) -> list[str]:
     ctx.out.mkdir()
     (ctx.out / "notes.txt").write_text("my notes")
@@ -409,6 +416,11 @@ CASES = [
     Case("output-dir-holds-a-run", "Runtime", "`train.output_dir` holds an earlier run, no `--resume`/`--overwrite`",
          existing_run,
          ["train.output_dir: <tmp>/run already holds a run; pass --resume to continue it or --overwrite to replace it"],
+         check=untouched),
+    Case("resume-with-other-data", "Runtime", "`--resume` after the training data changed (other token ids: the checkpoint's embedding rows no longer fit)",
+         resume_with_other_data,
+         ["<tmp>/run/checkpoints/checkpoint-1: trained 20 embedding rows, this run's training data gives 17 "
+          "(train.embedding_rows: seen); resume with the data and settings the run started with"],
          check=untouched),
     Case("output-dir-foreign-files", "Runtime", "`train.output_dir` a non-empty folder that is not a run",
          foreign_folder,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from rmtrain.data import tokenize_pairs
 from rmtrain.model import load_saved, sequence_rewards
@@ -196,3 +197,31 @@ def test_minilm_on_hh_beats_chance(tmp_path, minilm, shared_data):
 
 
 # Resume after a real kill -9, signals, and two processes against one: tests/test_distributed.py.
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen3", "minilm"])
+def test_training_only_seen_embedding_rows_is_the_same_training(tmp_path, model, request, shared_data):
+    """`embedding_rows: seen` (default) against `all` (TRL's way): same losses, same saved weights; the rows of
+    tokens absent from the training data are exactly the pretrained ones, and the saved model is plain."""
+    from safetensors.torch import load_file
+
+    name_or_path = request.getfixturevalue(model)
+    runs, logs = {}, {}
+    for rows in ("all", "seen"):
+        out = tmp_path / rows
+        tree = base_recipe({"name_or_path": name_or_path}, shared_data, out, train={"embedding_rows": rows, "max_steps": 4})
+        logs[rows] = fit(tmp_path, tree).stderr
+        runs[rows] = out
+    assert "rows occur in the training data and are optimized" in logs["seen"]
+    assert "rows occur in the training data" not in logs["all"]
+    for a, b in zip(metrics(runs["all"], "train"), metrics(runs["seen"], "train"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and a["accuracy"] == b["accuracy"], (a, b)
+    assert abs(metrics(runs["all"], "eval")[-1]["loss"] - metrics(runs["seen"], "eval")[-1]["loss"]) < 1e-6
+    full, seen = load_file(runs["all"] / "model.safetensors"), load_file(runs["seen"] / "model.safetensors")
+    assert full.keys() == seen.keys()  # a plain model: no trace of the split table
+    for key in full:
+        assert torch.allclose(full[key], seen[key], atol=1e-6, rtol=0), key
+    base = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+    table_key = next(k for k in full if k.endswith("word_embeddings.weight") or k.endswith("embed_tokens.weight"))
+    moved = (seen[table_key] != base.get_input_embeddings().weight.detach()).any(dim=1)
+    assert 0 < int(moved.sum()) < moved.numel()  # trained rows moved, the others are bit-for-bit the pretrained ones
