@@ -373,14 +373,19 @@ def build_models(work: Path, cases: list[str], verbose: bool) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Ablation (--ablation): rmtrain alone, adding one technique at a time, same case and seed
 
-# (label, train overrides, decoders only): one technique at a time from TRL-like batches, one pass per batch.
-# rmtrain's defaults (the main bench run: length-grouped, shared prefix for decoders, passes of at most
-# max_tokens_per_forward: auto tokens, chosen from the model's size) follow, then the earlier fixed default.
+# (label, train overrides, which models): one technique at a time from TRL-like batches, one pass per
+# batch, every embedding row optimized. rmtrain's defaults (the main bench run: length-grouped, shared prefix
+# for decoders, seen embedding rows, passes of at most max_tokens_per_forward: auto tokens) follow, then the
+# earlier fixed pass budget. "decoders": not for encoders; "full": not for LoRA (its embedding is frozen).
+TRL_LIKE = {"batching": "plain", "share_prefix": False, "padding_free": False, "embedding_rows": "all", "max_tokens_per_forward": None}
 ABLATION = [
-    ("plain: random batches, two padded rows per pair", {"batching": "plain", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
-    ("+ length-grouped batches", {"batching": "length_grouped", "share_prefix": False, "padding_free": False, "max_tokens_per_forward": None}, False),
-    ("+ length-grouped + padding-free", {"batching": "length_grouped", "share_prefix": False, "padding_free": True, "max_tokens_per_forward": None}, True),
-    ("+ length-grouped + shared prefix", {"batching": "length_grouped", "share_prefix": True, "padding_free": False, "max_tokens_per_forward": None}, True),
+    ("plain: random batches, two padded rows per pair", TRL_LIKE, "all"),
+    ("+ length-grouped batches", TRL_LIKE | {"batching": "length_grouped"}, "all"),
+    ("+ length-grouped + padding-free", TRL_LIKE | {"batching": "length_grouped", "padding_free": True}, "decoders"),
+    ("+ length-grouped + shared prefix", TRL_LIKE | {"batching": "length_grouped", "share_prefix": True}, "decoders"),
+    ("+ length-grouped + seen embedding rows", TRL_LIKE | {"batching": "length_grouped", "embedding_rows": "seen"}, "encoders"),
+    ("+ length-grouped + shared prefix + seen embedding rows",
+     TRL_LIKE | {"batching": "length_grouped", "share_prefix": True, "embedding_rows": "seen"}, "full decoders"),
 ]
 PASS_TOKENS = 8192
 PASSES = (f"defaults with passes of at most {PASS_TOKENS} tokens (the fixed default before auto)", {"max_tokens_per_forward": PASS_TOKENS})
@@ -553,9 +558,9 @@ def main() -> int:
             results["cases"][name] = {"settings": {k: v for k, v in case.items()}, "runs": runs, "summary": summary}
             table = case_table(name, case, runs, summary)
             if args.ablation:
-                decoder = name != "minilm-helpful"
+                kind = {"encoders"} if name == "minilm-helpful" else {"decoders"} | ({"full decoders"} if "lora" not in name else set())
                 rows = []
-                variants = [(label, o) for label, o, decoders_only in ABLATION if decoder or not decoders_only]
+                variants = [(label, o) for label, o, models in ABLATION if models == "all" or models in kind]
                 for i, (label, overrides) in enumerate(variants + [PASSES]):
                     print(f"[{time.perf_counter() - started:6.0f}s] {name}: ablation {label} ...", end=" ", flush=True)
                     r = run_rmtrain(case, work / name / f"ablation-{i}", args.verbose, overrides)
