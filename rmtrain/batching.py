@@ -197,8 +197,12 @@ class LengthGroupedBatchSampler:
         shuffle: bool = True,
         num_processes: int = 1,
         layout: str = "plain",
+        cap_pairs: bool = False,
     ):
         self.costs = costs
+        # With max_tokens a batch holds as many pairs as fit, unless cap_pairs (evaluation: at most
+        # batch_size pairs and max_tokens tokens).
+        self.cap_pairs = cap_pairs
         self.layout = layout
         self.pairs_per_batch = batch_size
         # Accelerate reads `batch_size` to shard; None tells it batches vary in size (a short last part,
@@ -247,7 +251,8 @@ class LengthGroupedBatchSampler:
         current: list[int] = []
         for index in ordered:
             # What the batch would compute if this pair joined (padding included in padded layouts).
-            if current and computed_tokens([self.costs[i] for i in current + [index]], self.layout) > self.max_tokens:
+            full = self.cap_pairs and len(current) == size
+            if current and (full or computed_tokens([self.costs[i] for i in current + [index]], self.layout) > self.max_tokens):
                 batches.append(current)
                 current = []
             current.append(index)
@@ -302,13 +307,15 @@ def make_dataloader(
     num_processes: int = 1,
     micro_batches: bool = False,
     max_tokens_per_forward: int | None = None,
+    cap_pairs: bool = False,
 ):
     """A DataLoader over pairs in `layout`, and its length-grouped sampler (or None).
 
     `num_processes`: the world size the loader will be sharded over by `accelerator.prepare`; length-grouped
     batches are then cut so that one optimizer step holds the same pairs as with one process.
     With `micro_batches` (training), each batch comes as a list of micro-batches of at most
-    `max_tokens_per_forward` computed tokens (one micro-batch when None).
+    `max_tokens_per_forward` computed tokens (one micro-batch when None). `max_tokens` replaces the pair
+    count as the batch bound, unless `cap_pairs` keeps both.
     """
     from functools import partial
 
@@ -325,7 +332,7 @@ def make_dataloader(
     costs = [pair_cost(p, layout) for p in pairs]
     sampler = LengthGroupedBatchSampler(
         costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs),
-        num_processes=num_processes, layout=layout,
+        num_processes=num_processes, layout=layout, cap_pairs=cap_pairs,
     )
     return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler
 

@@ -57,7 +57,6 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     t = recipe.train
     out = Path(t.output_dir)
-    keep_freed_memory_for_reuse()
     bf16 = choose_bf16(t.bf16)
     accelerator = Accelerator(
         # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
@@ -109,7 +108,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         # Longest first: similar lengths share a batch, and memory peaks at once, not late.
         eval_dl, _ = make_dataloader(
             eval_pairs, layout, rm.fmt.pad_token_id, mask_format, t.eval_batch_size or t.per_device_batch_size, t.seed,
-            shuffle=False, length_grouped=True, max_tokens=max_tokens_per_forward,  # bounded memory here too
+            shuffle=False, length_grouped=True, max_tokens=max_tokens_per_forward, cap_pairs=True,  # bounded memory here too
         )
     line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
     if max_tokens_per_forward:
@@ -318,32 +317,6 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return info
-
-
-def keep_freed_memory_for_reuse() -> None:
-    """Stop glibc from handing big freed blocks back to the OS (Linux only; elsewhere a no-op).
-
-    Blocks above 32 MB are mmap-ed and unmapped on free, so every step the dense gradient of a large
-    embedding (151936 x 128 floats on tiny Qwen3) is allocated in fresh pages and page-faulted in while
-    being zeroed. Serving them from the heap and not trimming it cut a tiny-Qwen3 CPU step by about 17%
-    (backward 79 -> 58 ms, zero_grad 5.5 -> 0.3 ms). The price is memory: freed blocks stay with the
-    process and are reused imperfectly, so peak RSS grows when activation sizes vary (MiniLM in one pass
-    per batch: 4.5 -> 5.0 GiB in `make bench`); bounded passes (`train.max_tokens_per_forward`) keep it down.
-    CUDA memory is unaffected (PyTorch's caching allocator already reuses it).
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks up to 1 GiB from the heap
-        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # keep up to 2 GiB of freed heap for reuse (a C int)
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
 
 
 def check_engine(accelerator, t, log: RunLog) -> None:

@@ -111,6 +111,11 @@ def test_token_budget_caps_padded_tokens():
     for b in batches:
         assert max(costs[i] for i in b) * len(b) <= 200
     assert max(len(b) for b in batches) >= 19  # short pairs share a batch (one joins the last long pair)
+    # Evaluation keeps both bounds: at most batch_size pairs and max_tokens tokens.
+    capped = list(LengthGroupedBatchSampler(costs, batch_size=4, seed=0, max_tokens=200, shuffle=False, cap_pairs=True))
+    # Longest first: two 100s per 200 tokens, the fifth with one 10 (2 x 100 padded), then the other 19 in fours.
+    assert [len(b) for b in capped] == [2, 2, 2, 4, 4, 4, 4, 3]
+    assert sorted(i for b in capped for i in b) == list(range(25))
 
 
 def test_token_counts_by_hand():

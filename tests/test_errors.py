@@ -395,7 +395,7 @@ CASES = [
     Case("out-of-memory-first-step", "Runtime", "the first forward pass cannot allocate its memory (a real allocator failure, injected into the model's forward)",
          lambda c: c.fit(),
          ["out of memory at step 1 in a forward/backward pass of 2 pair(s), 32 tokens (2 rows x 16; "
-          "train.per_device_batch_size: 2, train.max_tokens_per_forward: auto = 65536); set train.max_tokens_per_forward "
+          "train.per_device_batch_size: 2, train.max_tokens_per_forward: auto = 32768); set train.max_tokens_per_forward "
           "below 32 (same gradient, smaller passes), or lower train.per_device_batch_size and raise "
           "train.gradient_accumulation_steps to keep 2 pairs per step"],
          patch=allocation_fails_in_forward, check=not_completed),

@@ -107,13 +107,13 @@ def test_auto_tokens_per_forward_from_the_real_minilm_config(minilm):
     config = AutoConfig.from_pretrained(minilm)  # 6 layers, hidden 384, intermediate 1536
     cpu = torch.device("cpu")
     # Per layer and token 8 * 384 + 4 * 1536 = 9216 floats; 6 layers in fp32: 221,184 bytes;
-    # 1 GiB / 221,184 = 4854 tokens, the power of two below: 4096.
+    # 0.5 GiB / 221,184 = 2427 tokens, the power of two below: 2048.
     assert activation_bytes_per_token(config, 4, gradient_checkpointing=False) == 4 * 6 * 9216
-    assert auto_tokens_per_forward(config, False, False, cpu)[0] == 4096
-    # Checkpointed: each layer's input (6 * 384) plus one layer recomputed (9216): 46,080 bytes -> 23,301 -> 16384.
+    assert auto_tokens_per_forward(config, False, False, cpu)[0] == 2048
+    # Checkpointed: each layer's input (6 * 384) plus one layer recomputed (9216): 46,080 bytes -> 11,650 -> 8192.
     assert activation_bytes_per_token(config, 4, gradient_checkpointing=True) == 4 * (6 * 384 + 9216)
-    assert auto_tokens_per_forward(config, False, True, cpu)[0] == 16384
+    assert auto_tokens_per_forward(config, False, True, cpu)[0] == 8192
     # bf16 halves the bytes: twice the tokens. A config without the sizes gets a stated fixed budget.
-    assert auto_tokens_per_forward(config, True, False, cpu)[0] == 8192
+    assert auto_tokens_per_forward(config, True, False, cpu)[0] == 4096
     tokens, note = auto_tokens_per_forward(object(), False, False, cpu)
     assert tokens == 8192 and "no hidden_size/num_hidden_layers" in note
