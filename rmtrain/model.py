@@ -154,8 +154,8 @@ def auto_tokens_per_forward(config, bf16: bool, gradient_checkpointing: bool, de
     """`max_tokens_per_forward: auto`: the largest power of two whose estimated activations fit the budget
     (`CPU_ACTIVATION_BUDGET`, or an eighth of the accelerator's memory), and a note saying how it was chosen.
 
-    A fixed token count would be the wrong unit: a token of MiniLM keeps 9x the activations of a token of a
-    2-layer model, and a 7B model's many times more.
+    A fixed token count would be the wrong unit: a token of MiniLM (6 layers, hidden 384) keeps about 13x the
+    activations of a token of tiny Qwen3 (2 layers, hidden 128), and a 7B model's many times more.
     """
     budget = CPU_ACTIVATION_BUDGET
     if device.type == "cuda":
