@@ -25,7 +25,7 @@ from rmtrain.diagnostics import (
 )
 from rmtrain.log import RunLog
 from rmtrain.loss import pair_stats, reward_loss
-from rmtrain.model import RewardModel, auto_tokens_per_forward, batch_rewards, load_saved, sequence_rewards
+from rmtrain.model import RewardModel, batch_rewards, inference_tokens_per_forward, load_saved, sequence_rewards
 
 
 def gather_pairs(accelerator, *values: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -251,9 +251,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """`rmtrain eval`: load a saved model (full or adapter), score a preference file, print and save metrics.
 
-    Batches hold at most `max_tokens_per_forward` tokens; "auto" picks it as training does (without
-    gradient checkpointing: an inference forward keeps nothing, but a batch's activations still pass
-    through memory at once).
+    Batches hold at most `max_tokens_per_forward` tokens ("auto": `inference_tokens_per_forward`).
     """
     from accelerate import Accelerator
 
@@ -271,8 +269,7 @@ def run_eval(
         raise DataError(f"{name}: no pairs left to evaluate (see the line above); try --truncation truncate")
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
     if max_tokens_per_forward == "auto":
-        bf16 = next(rm.model.parameters()).dtype == torch.bfloat16
-        max_tokens_per_forward, _ = auto_tokens_per_forward(rm.model.config, bf16, False, accelerator.device)
+        max_tokens_per_forward = inference_tokens_per_forward(rm.model, accelerator.device)
     model = accelerator.prepare(rm.model)
     start = time.perf_counter()
     if layout == "shared_prefix":

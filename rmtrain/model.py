@@ -168,6 +168,13 @@ def auto_tokens_per_forward(config, bf16: bool, gradient_checkpointing: bool, de
     return tokens, note
 
 
+def inference_tokens_per_forward(model: nn.Module, device: torch.device) -> int:
+    """`auto` for eval and score: as training without gradient checkpointing (an inference forward keeps
+    nothing, but a batch's activations still pass through memory at once), in the model's dtype."""
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    return auto_tokens_per_forward(model.config, bf16, False, device)[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 

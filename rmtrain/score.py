@@ -27,7 +27,7 @@ from rmtrain.data import (
 )
 from rmtrain.evaluate import sorted_batches
 from rmtrain.log import RunLog
-from rmtrain.model import RewardModel, auto_tokens_per_forward, load_saved, sequence_rewards
+from rmtrain.model import RewardModel, inference_tokens_per_forward, load_saved, sequence_rewards
 
 # The row shapes `rmtrain score` accepts (without --field), documented in the README.
 SHAPES = "'text', 'messages', or 'prompt' with 'completion' (or 'response')"
@@ -161,8 +161,7 @@ def run_score(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rm.model.to(device)
     if max_tokens_per_forward == "auto":
-        bf16 = next(rm.model.parameters()).dtype == torch.bfloat16
-        max_tokens_per_forward, _ = auto_tokens_per_forward(rm.model.config, bf16, False, device)
+        max_tokens_per_forward = inference_tokens_per_forward(rm.model, device)
     waiting: dict[int, str] = {}
     next_row = 0
     with _output(out) as handle:
