@@ -25,7 +25,7 @@ from rmtrain.data import (
     special_token_frame,
     truncate_left,
 )
-from rmtrain.evaluate import sorted_batches
+from rmtrain.evaluate import collate_sequences, sorted_batches
 from rmtrain.log import RunLog
 from rmtrain.model import RewardModel, inference_tokens_per_forward, load_saved, sequence_rewards
 
@@ -114,13 +114,9 @@ def reward_batches(
     """(row indices, rewards) per batch, longest batch first, batches cut as eval cuts them (`sorted_batches`).
     Rewards read as in training (last real token)."""
     for batch in sorted_batches([len(s) for s in ids], batch_size, max_tokens):
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), rm.fmt.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-            attention_mask[row, : len(ids[i])] = 1
-        rewards = sequence_rewards(rm.model, rm.head, rm.fmt.is_encoder, input_ids.to(device), attention_mask.to(device))
+        padded = collate_sequences([(ids[i], i) for i in batch], rm.fmt.pad_token_id)
+        input_ids, attention_mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+        rewards = sequence_rewards(rm.model, rm.head, rm.fmt.is_encoder, input_ids, attention_mask)
         yield batch, rewards.float().cpu().tolist()
 
 
