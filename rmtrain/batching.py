@@ -1,137 +1,151 @@
-"""Batches that compute only the tokens that matter.
+"""Batches of tokenized groups that compute only the tokens that matter.
 
-Three layouts of a batch of preference pairs, all read the same way: the model returns one score per
-token (decoders) and `reward_index` picks, in the flattened [rows * width] scores, the reward token of
-every chosen sequence and then of every rejected one.
+Three layouts of a batch of groups (a pair is a group of two), all read the same way: the model returns
+one score per token (decoders) and `reward_index` picks, in the flattened [rows * width] scores, the reward
+token of every sequence, group by group; `pair_index` then names each pair's (better, worse) rewards.
 
-- plain: chosen and rejected as 2B right-padded rows (what TRL does).
+- plain: every sequence its own right-padded row (what TRL does with chosen and rejected).
 - packed (padding-free): every sequence of the batch in one row; position ids restart per sequence,
   which transformers turns into a block-diagonal causal mask (varlen kernels with flash attention).
-- shared prefix (decoders): one row per pair, `prompt + chosen + rejected`, where the rejected tokens
-  continue the prompt's positions and cannot see the chosen tokens (a 4D attention mask). The prompt
-  is the longest common token prefix of the two sides: those tokens, at those positions, have the same
-  hidden states in both sequences under causal attention, so rewards and gradients are the same as the
-  plain two-sequence forward.
+- shared prefix (decoders): one row per group, `prefix + c_1 + ... + c_K`, where each completion continues
+  the prefix's positions and sees neither of the other completions (a 4D attention mask). Under causal
+  attention the prefix tokens, at those positions, have the same hidden states in every sequence, so
+  rewards and gradients are those of the K separate sequences.
 
-Every layout reports `real_tokens` as the tokens of both sequences in full (what TRL's batches hold
-without padding), so `computed / real` below 1 measures what prefix sharing saves.
+Every layout reports `real_tokens` as the tokens of all sequences in full (what TRL's batches hold without
+padding), so `computed / real` below 1 measures what prefix sharing saves.
 
-Plus a length-grouped batch sampler (shuffled mega-batches, each sorted by length) with an optional
-token budget per batch, and micro-batches: a training batch is computed in forward/backward passes of at
-most `max_tokens_per_forward` tokens each, so activation memory is bounded whatever the batch size (the
-loss stays a mean over the batch's pairs, so the gradient is the same).
+Then: the length-grouped batch sampler for training (shuffled mega-batches, each sorted by length) with an
+optional token budget per batch; passes (a training batch computed in forward/backward passes of at most
+`max_tokens_per_forward` tokens, so activation memory is bounded whatever the batch size); and the one
+way inference batches are built (`inference_loader`): longest first, bounded in sequences, tokens and padding.
 """
 
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Any, Iterator
 
 import torch
 
+from rmtrain.data import Group
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b)) - 1  # each side keeps at least its own reward token
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+Shape = tuple[int, int]
+"""(width, rows) a group adds to a batch: a padded batch computes max(width) * sum(rows) tokens."""
 
 
-def pair_cost(pair: dict[str, Any], layout: str) -> int:
-    """Tokens a pair puts into a batch under `layout` (used for length grouping and token budgets)."""
-    c, r = len(pair["chosen_ids"]), len(pair["rejected_ids"])
+def group_shape(group: Group, layout: str) -> Shape:
+    lengths = group.lengths()
     if layout == "shared_prefix":
-        return c + r - _common_prefix(pair["chosen_ids"], pair["rejected_ids"])
+        return len(group.prefix) + sum(len(c) for c in group.completions), 1
     if layout == "packed":
-        return c + r
-    return 2 * max(c, r)  # plain: both sides are padded to the widest sequence of the batch
+        return sum(lengths), 1
+    return max(lengths), len(lengths)  # plain: each sequence padded to the widest of the batch
 
 
-def computed_tokens(costs: list[int], layout: str) -> int:
-    """Tokens a batch of pairs with these costs computes: packed rows pay their own, padded rows the widest."""
-    if not costs:
+def group_cost(group: Group, layout: str) -> int:
+    """Tokens a group computes on its own under `layout` (the key length grouping sorts by)."""
+    width, rows = group_shape(group, layout)
+    return width * rows
+
+
+def computed_tokens(shapes: list[Shape], layout: str) -> int:
+    """Tokens a batch of groups with these shapes computes: packed rows pay their own, padded rows the widest."""
+    if not shapes:
         return 0
-    return sum(costs) if layout == "packed" else max(costs) * len(costs)
+    if layout == "packed":
+        return sum(width * rows for width, rows in shapes)
+    return max(width for width, _ in shapes) * sum(rows for _, rows in shapes)
 
 
-def _extras(pairs: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    batch["row"] = torch.tensor([p["row"] for p in pairs], dtype=torch.long)
-    if "margin" in pairs[0]:
-        batch["margin"] = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)
+# --------------------------------------------------------------------------------------------------
+# Collating
+
+
+def _pairs(groups: list[Group], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each pair's (better, worse) indices into the batch's rewards, its margin and its source row."""
+    index, rows, margins, start = [], [], [], 0
+    for g in groups:
+        index.extend((start + better, start + worse) for better, worse in g.pairs)
+        rows.extend([g.row] * len(g.pairs))
+        margins.extend(g.margins or [])
+        start += len(g.completions)
+    batch["pair_index"] = torch.tensor(index, dtype=torch.long).reshape(-1, 2)
+    batch["row"] = torch.tensor(rows, dtype=torch.long)
+    if groups and groups[0].margins is not None:
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
     return batch
 
 
-def collate_plain(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Chosen then rejected sequences in one right-padded batch, for a single forward pass."""
-    sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+def collate_plain(groups: list[Group], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Every sequence its own right-padded row, group by group, for a single forward pass."""
+    sequences = [g.sequence(i) for g in groups for i in range(len(g.completions))]
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
-    reward_index = torch.tensor([i * width + len(s) - 1 for i, s in enumerate(sequences)], dtype=torch.long)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "reward_index": reward_index,
+        "reward_index": torch.tensor([i * width + len(s) - 1 for i, s in enumerate(sequences)], dtype=torch.long),
         "real_tokens": torch.tensor(sum(len(s) for s in sequences)),
     }
-    return _extras(pairs, batch)
+    return _pairs(groups, batch)
 
 
-def collate_packed(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """All 2B sequences in a single row with restarting position ids (no padding at all)."""
-    sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+def collate_packed(groups: list[Group], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """All sequences in a single row with restarting position ids (no padding at all)."""
     ids: list[int] = []
     positions: list[int] = []
     ends = []
-    for seq in sequences:
-        ids.extend(seq)
-        positions.extend(range(len(seq)))
-        ends.append(len(ids) - 1)
+    for g in groups:
+        for i in range(len(g.completions)):
+            seq = g.sequence(i)
+            ids.extend(seq)
+            positions.extend(range(len(seq)))
+            ends.append(len(ids) - 1)
     batch = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(len(ids)),
     }
-    return _extras(pairs, batch)
+    return _pairs(groups, batch)
 
 
-def collate_shared_prefix(pairs: list[dict[str, Any]], pad_token_id: int, mask_format: str = "bool") -> dict[str, torch.Tensor]:
-    """One row per pair: prompt + chosen + rejected, rejected blind to chosen, positions continued.
+def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: str = "bool") -> dict[str, torch.Tensor]:
+    """One row per group: prefix + c_1 + ... + c_K, each completion blind to the others, positions continued.
 
     mask_format: "bool" (True = may attend; SDPA) or "float" (0 / dtype-min additive; eager attention).
     """
-    rows = []
-    for p in pairs:
-        c, r = p["chosen_ids"], p["rejected_ids"]
-        n = _common_prefix(c, r)
-        rows.append((c[:n], c[n:], r[n:]))
-    width = max(len(a) + len(b) + len(d) for a, b, d in rows)
-    size = len(rows)
+    width = max(group_shape(g, "shared_prefix")[0] for g in groups)
+    size = len(groups)
     input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((size, width), dtype=torch.long)
     allowed = torch.zeros((size, 1, width, width), dtype=torch.bool)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
-    chosen_end, rejected_end = [], []
+    ends = []
     real = 0
-    for i, (prefix, chosen, rejected) in enumerate(rows):
-        n, cs, rs = len(prefix), len(chosen), len(rejected)
-        total = n + cs + rs
-        input_ids[i, :total] = torch.tensor(prefix + chosen + rejected, dtype=torch.long)
-        position_ids[i, : n + cs] = torch.arange(n + cs)
-        position_ids[i, n + cs : total] = torch.arange(n, n + rs)
+    for row, g in enumerate(groups):
+        n = len(g.prefix)
+        total = n + sum(len(c) for c in g.completions)
+        input_ids[row, :total] = torch.tensor(g.prefix + [t for c in g.completions for t in c], dtype=torch.long)
         block = causal[:total, :total].clone()
-        block[n + cs : total, n : n + cs] = False  # rejected cannot see chosen
-        allowed[i, 0, :total, :total] = block
+        start = n
+        for c in g.completions:
+            end = start + len(c)
+            position_ids[row, start:end] = torch.arange(n, n + len(c))
+            block[start:end, n:start] = False  # blind to the completions before it (causality hides the later ones)
+            ends.append(row * width + end - 1)
+            real += n + len(c)
+            start = end
+        position_ids[row, :n] = torch.arange(n)
+        allowed[row, 0, :total, :total] = block
         # Padding rows attend to themselves only, so no softmax runs over an empty row.
-        allowed[i, 0, range(total, width), range(total, width)] = True
-        chosen_end.append(i * width + n + cs - 1)
-        rejected_end.append(i * width + total - 1)
-        real += total + n  # both sequences in full, as a two-sequence batch holds them
+        allowed[row, 0, range(total, width), range(total, width)] = True
     if mask_format == "float":
         mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     else:
@@ -140,78 +154,100 @@ def collate_shared_prefix(pairs: list[dict[str, Any]], pad_token_id: int, mask_f
         "input_ids": input_ids,
         "position_ids": position_ids,
         "attention_mask": mask,
-        "reward_index": torch.tensor(chosen_end + rejected_end, dtype=torch.long),
+        "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(real),
     }
-    return _extras(pairs, batch)
+    return _pairs(groups, batch)
 
 
-def split_by_tokens(pairs: list[dict[str, Any]], layout: str, max_tokens: int | None) -> list[list[dict[str, Any]]]:
-    """A batch's pairs (longest first) in consecutive chunks of at most `max_tokens` computed tokens each.
+def collate_for(layout: str, pad_token_id: int, mask_format: str):
+    """The collate function of a layout."""
+    if layout == "shared_prefix":
+        return partial(collate_shared_prefix, pad_token_id=pad_token_id, mask_format=mask_format)
+    return partial(collate_packed if layout == "packed" else collate_plain, pad_token_id=pad_token_id)
 
-    A pair longer than the budget on its own gets a chunk of its own.
+
+def choose_layout(rm, share_prefix: bool, padding_free: bool) -> tuple[str, str, str | None]:
+    """(layout, 4D mask format, a note to print when a request could not be honoured)."""
+    if rm.fmt.is_encoder:
+        # Bidirectional attention: a shared prefix would see every answer; BERT-like models have no
+        # packed-sequence masks in transformers. Length grouping still removes most padding.
+        note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
+        return "plain", "bool", note
+    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
+    attn = getattr(base.config, "_attn_implementation", "eager")
+    if share_prefix:
+        if attn in ("sdpa", "eager"):
+            return "shared_prefix", "bool" if attn == "sdpa" else "float", None
+        fallback = "packed" if padding_free else "plain"
+        return fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches"
+    return ("packed" if padding_free else "plain"), "bool", None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: batches, and passes of bounded tokens
+
+
+def split_by_tokens(groups: list[Group], layout: str, max_tokens: int | None) -> list[list[Group]]:
+    """A batch's groups (longest first) in consecutive chunks of at most `max_tokens` computed tokens each.
+
+    A group longer than the budget on its own gets a chunk of its own.
     """
     if max_tokens is None:
-        return [pairs]
-    ordered = sorted(pairs, key=lambda p: -pair_cost(p, layout))
-    chunks: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    costs: list[int] = []
-    for pair in ordered:
-        cost = pair_cost(pair, layout)
-        if current and computed_tokens(costs + [cost], layout) > max_tokens:
+        return [groups]
+    shaped = sorted(((group_shape(g, layout), g) for g in groups), key=lambda item: -item[0][0] * item[0][1])
+    chunks: list[list[Group]] = []
+    current: list[Group] = []
+    shapes: list[Shape] = []
+    for shape, group in shaped:
+        if current and computed_tokens(shapes + [shape], layout) > max_tokens:
             chunks.append(current)
-            current, costs = [], []
-        current.append(pair)
-        costs.append(cost)
+            current, shapes = [], []
+        current.append(group)
+        shapes.append(shape)
     chunks.append(current)
     return chunks
 
 
-def collate_micro_batches(pairs: list[dict[str, Any]], collate, layout: str, max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
-    """One training batch as a list of micro-batches, each run through its own forward and backward."""
-    return [collate(chunk) for chunk in split_by_tokens(pairs, layout, max_tokens)]
+def collate_passes(groups: list[Group], collate, layout: str, max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """One training batch as a list of passes, each run through its own forward and backward."""
+    return [collate(chunk) for chunk in split_by_tokens(groups, layout, max_tokens)]
 
 
 class LengthGroupedBatchSampler:
     """Batches of similar length in random order.
 
     Each epoch: shuffle (seed + epoch), cut into mega-batches of `mega_batch` batches, sort each by
-    length, cut into batches (of `batch_size` pairs, or as many as fit `max_tokens` padded tokens),
+    length, cut into batches (of `batch_size` groups, or as many as fit `max_tokens` computed tokens),
     then shuffle the batch order, so training order stays random while padding nearly vanishes.
 
     With `num_processes` > 1 (fixed batch size), the batches above are global batches of
-    `num_processes * batch_size` pairs, each emitted as `num_processes` consecutive per-process parts;
+    `num_processes * batch_size` groups, each emitted as `num_processes` consecutive per-process parts;
     Accelerate's sharding hands part i of every global batch to process i. So every optimizer step sees
-    the same pairs whatever the number of processes (1 x 2B pairs or 2 x B pairs). With `max_tokens`
-    the budget is per process and per micro-batch, so batches are cut per process as with one process.
+    the same groups whatever the number of processes (1 x 2B or 2 x B). With `max_tokens` the budget is
+    per process, so batches are cut per process as with one process.
     """
 
     def __init__(
         self,
-        costs: list[int],
+        shapes: list[Shape],
         batch_size: int,
         seed: int,
         max_tokens: int | None = None,
         mega_batch: int = 50,
-        shuffle: bool = True,
         num_processes: int = 1,
         layout: str = "plain",
-        cap_pairs: bool = False,
     ):
-        self.costs = costs
-        # With max_tokens a batch holds as many pairs as fit, unless cap_pairs (evaluation: at most
-        # batch_size pairs and max_tokens tokens).
-        self.cap_pairs = cap_pairs
+        self.shapes = shapes
+        self.costs = [width * rows for width, rows in shapes]
         self.layout = layout
-        self.pairs_per_batch = batch_size
+        self.groups_per_batch = batch_size
         # Accelerate reads `batch_size` to shard; None tells it batches vary in size (a short last part,
         # token budgets), so it shards batch by batch instead of dropping groups with a short batch.
         self.batch_size = None
         self.seed = seed
         self.max_tokens = max_tokens
         self.mega_batch = mega_batch
-        self.shuffle = shuffle
         self.num_processes = 1 if max_tokens is not None else num_processes
         self.epoch = 0
         self._batches: list[list[int]] | None = None
@@ -223,17 +259,15 @@ class LengthGroupedBatchSampler:
 
     def _build(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.costs)))
-        if self.shuffle:
-            rng.shuffle(order)
-        global_size = self.pairs_per_batch * self.num_processes
+        order = list(range(len(self.shapes)))
+        rng.shuffle(order)
+        global_size = self.groups_per_batch * self.num_processes
         span = global_size * self.mega_batch
         batches: list[list[int]] = []
         for start in range(0, len(order), span):
             mega = sorted(order[start : start + span], key=lambda i: -self.costs[i])
             batches.extend(self._cut(mega, global_size))
-        if self.shuffle:
-            rng.shuffle(batches)
+        rng.shuffle(batches)
         if self.num_processes == 1:
             return batches
         parts: list[list[int]] = []
@@ -250,9 +284,8 @@ class LengthGroupedBatchSampler:
         batches: list[list[int]] = []
         current: list[int] = []
         for index in ordered:
-            # What the batch would compute if this pair joined (padding included in padded layouts).
-            full = self.cap_pairs and len(current) == size
-            if current and (full or computed_tokens([self.costs[i] for i in current + [index]], self.layout) > self.max_tokens):
+            # What the batch would compute if this group joined (padding included in padded layouts).
+            if current and computed_tokens([self.shapes[i] for i in current + [index]], self.layout) > self.max_tokens:
                 batches.append(current)
                 current = []
             current.append(index)
@@ -272,82 +305,125 @@ class LengthGroupedBatchSampler:
         return len(self.batches())
 
 
-# --------------------------------------------------------------------------------------------------
-# Choosing a layout and building loaders
-
-
-def choose_layout(rm, share_prefix: bool, padding_free: bool) -> tuple[str, str, str | None]:
-    """(layout, 4D mask format, a note to print when a request could not be honoured)."""
-    if rm.fmt.is_encoder:
-        # Bidirectional attention: a shared prefix would see both answers; BERT-like models have no
-        # packed-sequence masks in transformers. Length grouping still removes most padding.
-        note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
-        return "plain", "bool", note
-    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
-    attn = getattr(base.config, "_attn_implementation", "eager")
-    if share_prefix:
-        if attn in ("sdpa", "eager"):
-            return "shared_prefix", "bool" if attn == "sdpa" else "float", None
-        fallback = "packed" if padding_free else "plain"
-        return fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches"
-    return ("packed" if padding_free else "plain"), "bool", None
-
-
-def make_dataloader(
-    pairs: list[dict[str, Any]],
+def training_loader(
+    groups: list[Group],
     layout: str,
-    pad_token_id: int,
-    mask_format: str,
+    collate,
     batch_size: int,
     seed: int,
     *,
-    shuffle: bool,
     length_grouped: bool,
-    max_tokens: int | None = None,
-    num_processes: int = 1,
-    micro_batches: bool = False,
-    max_tokens_per_forward: int | None = None,
-    cap_pairs: bool = False,
+    max_tokens_per_batch: int | None,
+    max_tokens_per_forward: int | None,
+    num_processes: int,
 ):
-    """A DataLoader over pairs in `layout`, and its length-grouped sampler (or None).
+    """A shuffled DataLoader whose every batch is a list of passes, and its length-grouped sampler (or None).
 
     `num_processes`: the world size the loader will be sharded over by `accelerator.prepare`; length-grouped
-    batches are then cut so that one optimizer step holds the same pairs as with one process.
-    With `micro_batches` (training), each batch comes as a list of micro-batches of at most
-    `max_tokens_per_forward` computed tokens (one micro-batch when None). `max_tokens` replaces the pair
-    count as the batch bound, unless `cap_pairs` keeps both.
+    batches are then cut so that one optimizer step holds the same groups as with one process.
+    `max_tokens_per_batch` replaces the group count as the batch bound.
     """
-    from functools import partial
-
     from torch.utils.data import DataLoader
 
-    if layout == "shared_prefix":
-        collate = partial(collate_shared_prefix, pad_token_id=pad_token_id, mask_format=mask_format)
-    else:
-        collate = partial(collate_packed if layout == "packed" else collate_plain, pad_token_id=pad_token_id)
-    if micro_batches:
-        collate = partial(collate_micro_batches, collate=collate, layout=layout, max_tokens=max_tokens_per_forward)
-    if not (length_grouped or max_tokens):
-        return DataLoader(pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=collate), None
-    costs = [pair_cost(p, layout) for p in pairs]
+    to_passes = partial(collate_passes, collate=collate, layout=layout, max_tokens=max_tokens_per_forward)
+    if not (length_grouped or max_tokens_per_batch):
+        return DataLoader(groups, batch_size=batch_size, shuffle=True, collate_fn=to_passes), None
     sampler = LengthGroupedBatchSampler(
-        costs, batch_size, seed, max_tokens=max_tokens, shuffle=shuffle, mega_batch=50 if shuffle else len(pairs),
-        num_processes=num_processes, layout=layout, cap_pairs=cap_pairs,
+        [group_shape(g, layout) for g in groups], batch_size, seed, max_tokens=max_tokens_per_batch,
+        num_processes=num_processes, layout=layout,
     )
-    return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate), sampler
+    return DataLoader(groups, batch_sampler=sampler, collate_fn=to_passes), sampler
 
 
-def token_counts(pairs: list[dict[str, Any]], sampler: LengthGroupedBatchSampler, layout: str) -> tuple[int, int, int]:
+def token_counts(groups: list[Group], sampler: LengthGroupedBatchSampler, layout: str) -> tuple[int, int, int]:
     """(tokens computed, real tokens, unique tokens) for one epoch of `sampler`'s batches in `layout`.
 
-    Real tokens count both sequences of every pair in full; unique tokens count a pair's shared prefix once.
-    The per-pair costs are the ones the sampler already computed for `layout`.
+    Real tokens count every sequence in full; unique tokens count a group's shared prefix once.
     """
     computed = real = unique = 0
     for batch in sampler.batches():
-        costs = [sampler.costs[i] for i in batch]
-        computed += computed_tokens(costs, layout)
-        for i, cost in zip(batch, costs):
-            real += len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
-            unique += cost if layout == "shared_prefix" else pair_cost(pairs[i], "shared_prefix")
+        computed += computed_tokens([sampler.shapes[i] for i in batch], layout)
+        for i in batch:
+            real += sum(groups[i].lengths())
+            unique += group_cost(groups[i], "shared_prefix")
     return computed, real, unique
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference: the one way eval, fit's eval, score and export build batches
+
+
+def sorted_batches(
+    costs: list[int], sizes: list[int], max_sequences: int, max_tokens: int | None = None, max_padding: float = 0.1
+) -> list[list[int]]:
+    """Indices of items (one padded row each, `costs` tokens wide, holding `sizes` sequences) longest first,
+    cut into batches of at most `max_sequences` sequences and `max_tokens` tokens (padding included; an item
+    longer than that gets a batch of its own) whose padding stays within `max_padding` of their padded size.
+
+    Without gradients nothing needs equal batch sizes, and on a CPU every padded token costs as much as a
+    real one: a sparse long tail of lengths gets small batches, the dense middle full ones. The token bound
+    keeps a batch's activations small enough to stay in cache.
+    """
+    order = sorted(range(len(costs)), key=lambda i: -costs[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = sequences = 0
+    for index in order:
+        if current:
+            padded = costs[current[0]] * (len(current) + 1)
+            if (
+                sequences + sizes[index] > max_sequences
+                or padded > (1 + max_padding) * (real + costs[index])
+                or (max_tokens is not None and padded > max_tokens)
+            ):
+                batches.append(current)
+                current, real, sequences = [], 0, 0
+        current.append(index)
+        real += costs[index]
+        sequences += sizes[index]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def inference_items(groups: list[Group], layout: str) -> list[tuple[int, Group]]:
+    """What inference batches are made of, each with the key of its first sequence (sequences are numbered
+    group by group): whole groups, one row each, in the shared-prefix layout; otherwise single sequences,
+    which need not share a batch with their group's others (a group-sorted batch would pad each sequence to
+    its partner's length)."""
+    items, key = [], 0
+    for g in groups:
+        if layout == "shared_prefix":
+            items.append((key, g))
+        else:
+            items.extend((key + i, Group(g.row, [], [g.sequence(i)], [])) for i in range(len(g.completions)))
+        key += len(g.completions)
+    return items
+
+
+def collate_keyed(items: list[tuple[int, Group]], collate) -> dict[str, torch.Tensor]:
+    batch = collate([g for _, g in items])
+    batch["key"] = torch.tensor([key + i for key, g in items for i in range(len(g.completions))], dtype=torch.long)
+    return batch
+
+
+def inference_loader(
+    groups: list[Group], layout: str, pad_token_id: int, mask_format: str, max_sequences: int, max_tokens: int | None
+) -> tuple[Any, int]:
+    """A DataLoader over `groups` for scoring (longest first; at most `max_sequences` sequences and
+    `max_tokens` tokens per batch), and the number of sequences it scores. Each batch carries `key`, the
+    number of every sequence, so rewards can be put back in order after batching and gathering.
+
+    Shared-prefix groups stay whole; every other layout, and groups of one sequence, score single padded
+    sequences (without a backward, packing buys nothing over length-sorted rows).
+    """
+    from torch.utils.data import DataLoader
+
+    shared = layout == "shared_prefix" and any(len(g.completions) > 1 for g in groups)
+    layout = "shared_prefix" if shared else "plain"
+    items = inference_items(groups, layout)
+    costs = [group_cost(g, layout) for _, g in items]
+    sizes = [len(g.completions) for _, g in items]
+    batches = sorted_batches(costs, sizes, max_sequences, max_tokens)
+    collate = partial(collate_keyed, collate=collate_for(layout, pad_token_id, mask_format))
+    return DataLoader(items, batch_sampler=batches, collate_fn=collate), sum(len(g.completions) for g in groups)

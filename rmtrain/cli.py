@@ -8,24 +8,9 @@ from typing import List, Optional
 
 import typer
 
+from rmtrain.errors import DataError, ExportError, UserError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate reward models for RLHF.")
-
-# Bad input: reported as "where: what" lines with exit status 2 (no traceback unless --debug).
-USER_ERRORS = [
-    ("rmtrain.config", "RecipeError"),
-    ("rmtrain.data", "DataError"),
-    ("rmtrain.model", "ModelError"),
-    ("rmtrain.train", "RunDirError"),
-    ("rmtrain.train", "NonFiniteLossError"),
-    ("rmtrain.train", "ResourceError"),
-    ("rmtrain.export", "ExportError"),
-]
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # Only modules already imported can have raised: importing the others would load torch for nothing.
-    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
-
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,15 +24,14 @@ def _quiet_libraries() -> None:
 
 
 def _run(debug: bool, action) -> None:
-    from rmtrain.config import RecipeError
-
+    """Bad input (a UserError) is reported as "error: where: what" lines with exit status 2, no traceback
+    unless --debug."""
     try:
         action()
-    except _user_errors() as error:
+    except UserError as error:
         if debug:
             raise
-        lines = [f"{error.source}: {p}" for p in error.problems] if isinstance(error, RecipeError) else [str(error)]
-        for line in lines:
+        for line in error.lines():
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from None
 
@@ -85,8 +69,6 @@ def tokens_per_forward(value: str) -> int | str | None:
         return None if value == "none" else value
     if value.isdigit() and int(value) >= 16:
         return int(value)
-    from rmtrain.data import DataError
-
     raise DataError(f"--max-tokens-per-forward: expected a number >= 16, auto or none, got {value!r}")
 
 
@@ -112,8 +94,6 @@ def eval_command(
 
     def action() -> None:
         if truncation not in ("filter", "truncate"):
-            from rmtrain.data import DataError
-
             raise DataError(f"--truncation: expected filter or truncate, got {truncation!r}")
         tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
@@ -141,8 +121,6 @@ def score(
 
     def action() -> None:
         if batch_size < 1 or (max_length is not None and max_length < 1):
-            from rmtrain.data import DataError
-
             raise DataError("--batch-size and --max-length must be >= 1")
         tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
@@ -168,8 +146,6 @@ def export(
 
     def action() -> None:
         if check_pairs < 1:
-            from rmtrain.export import ExportError
-
             raise ExportError("--check-pairs must be >= 1")
         _quiet_libraries()
         from rmtrain.export import export_model

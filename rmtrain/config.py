@@ -16,14 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; `problems` holds one line per problem."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
+from rmtrain.errors import RecipeError
 
 
 @dataclass
@@ -40,6 +33,19 @@ class ModelConfig:
     eos_token: str | None = None
     pad_token: str | None = None
     disable_dropout: bool = True
+
+    def source_kwargs(self) -> dict[str, Any]:
+        """What config, tokenizer and weights are read with: revision, trust_remote_code, gguf_file."""
+        kwargs = {k: v for k, v in self.init_kwargs.items() if k == "revision"}
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Everything `from_pretrained` of the model gets (`init_kwargs` plus the source keys)."""
+        return dict(self.init_kwargs) | self.source_kwargs()
 
 
 @dataclass
@@ -118,7 +124,7 @@ class TrainConfig:
     max_tokens_per_forward: int | Literal["auto"] | None = "auto"
     """Compute each batch in forward/backward passes of at most this many tokens: same gradient, bounded
     activation memory (evaluation batches are cut to it too). auto: the largest power of two whose estimated
-    activations fit 1 GiB on the CPU (an eighth of an accelerator's memory). null: the whole batch in one pass."""
+    activations fit half a GiB on the CPU (an eighth of an accelerator's memory). null: the whole batch in one pass."""
     embedding_rows: Literal["seen", "all"] = "seen"
     """seen: only the input-embedding rows of tokens in the training data go to the optimizer (with weight
     decay 0 the others would get exactly zero updates, so the training is the same, with a cheaper step).

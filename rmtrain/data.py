@@ -1,42 +1,65 @@
-"""Preference rows -> tokenized pairs.
+"""Preference rows -> tokenized groups.
 
 A row is standard (`chosen`/`rejected` are strings) or conversational (lists of `{role, content}`
 messages), with an explicit `prompt` or an implicit one (shared by chosen and rejected). Standard text
 is `prompt + completion` tokenized with the tokenizer's special tokens, plus the EOS token for decoder
 models so that the reward is read at the end of the response (as TRL does). Conversational rows are
 rendered by the chat template (`prompt + completion` messages) and tokenized without extra specials.
+
+A tokenized row is a `Group`: its sequences' longest common token prefix once, then each completion's
+own tokens. A pair is a group of two, chosen first. The prefix is computed here, once; batching,
+rewards and diagnostics read it from the group.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from rmtrain.config import DataConfig, DataSource
+from rmtrain.config import DataConfig
+from rmtrain.errors import DataError
+from rmtrain.sources import read_rows
+from rmtrain.tokenizer import TokenFormat, special_token_frame
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
-class DataError(ValueError):
-    """A data problem, with the file (or dataset) and row it comes from."""
+def common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix of `sequences`, each keeping at least its own last token."""
+    n = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    i = 0
+    while i < n and all(s[i] == first[i] for s in sequences[1:]):
+        i += 1
+    return i
 
 
 @dataclass
-class TokenFormat:
-    """How text becomes token ids for one model; saved with the model so eval/score reproduce it."""
+class Group:
+    """One row's completions as token ids: the common prefix of its sequences once, then each completion's
+    own tokens (never empty, so each keeps its reward token). `pairs` holds (better, worse) completion indices;
+    a preference pair is the group ([chosen, rejected], pairs [(0, 1)])."""
 
-    append_eos: str | None
-    """EOS token appended to standard text that does not end with it (decoders only)."""
-    pad_token_id: int
-    is_encoder: bool
+    row: int
+    """Index of the source row (0-based, counting `skip`ped rows): row + 1 is the file's row number."""
+    prefix: list[int]
+    completions: list[list[int]]
+    pairs: list[tuple[int, int]]
+    margins: list[float] | None = None
+    """One per pair, or None."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"append_eos": self.append_eos, "pad_token_id": self.pad_token_id, "is_encoder": self.is_encoder}
+    @classmethod
+    def of(cls, row: int, sequences: list[list[int]], pairs: list[tuple[int, int]], margins: list[float] | None = None) -> "Group":
+        n = common_prefix(sequences) if len(sequences) > 1 else 0
+        return cls(row, sequences[0][:n], [s[n:] for s in sequences], pairs, margins)
+
+    def sequence(self, i: int) -> list[int]:
+        return self.prefix + self.completions[i]
+
+    def lengths(self) -> list[int]:
+        return [len(self.prefix) + len(c) for c in self.completions]
 
 
 @dataclass
@@ -68,111 +91,6 @@ class Preflight:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading rows
-
-
-def read_rows(source: DataSource) -> tuple[list[dict[str, Any]], str]:
-    """Rows of one source as plain dicts (columns renamed), and a name for messages."""
-    path = Path(source.path).expanduser()
-    if path.exists():
-        files = _data_files(path)
-        name = str(path)
-        rows: list[dict[str, Any]] = []
-        for file in files:
-            rows.extend(_read_file(file, source))
-    elif source.path.startswith((".", "/", "~")) or Path(source.path).suffix in FILE_BUILDERS:
-        raise DataError(f"{source.path}: no such file or folder")
-    else:
-        rows, name = _read_hub(source)
-    if source.where:
-        for column in source.where:
-            if rows and all(column not in row for row in rows):
-                raise DataError(f"{name}: where: no column '{column}' (columns: {', '.join(sorted(rows[0]))})")
-        rows = [row for row in rows if all(row.get(k) == v for k, v in source.where.items())]
-    rows = rows[source.skip:]
-    if source.limit is not None:
-        rows = rows[: source.limit]
-    if source.columns:
-        rows = [
-            {source.columns.get(k, k): v for k, v in row.items() if source.columns.get(k, k) is not None}
-            for row in rows
-        ]
-    return rows, name
-
-
-def _data_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix not in FILE_BUILDERS:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}', expected .jsonl, .json, .parquet or .csv")
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS)
-    if not files:
-        raise DataError(f"{path}: folder holds no .jsonl, .json, .parquet or .csv file")
-    return files
-
-
-def _read_file(path: Path, source: DataSource) -> list[dict[str, Any]]:
-    if path.suffix in (".json", ".jsonl"):
-        return _read_json(path)
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as error:  # datasets raises many types; the message is what the user needs
-        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {_first_line(error)}") from None
-    return dataset.to_list()
-
-
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    """JSON lines (or one JSON array) read with row numbers for errors."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {error.start}); re-encode the file as UTF-8") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from None
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}: line {number}: invalid JSON: {error.msg} (column {error.colno}); "
-                    "JSON lines need one complete JSON object per line"
-                ) from None
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-    return rows
-
-
-def _read_hub(source: DataSource) -> tuple[list[dict[str, Any]], str]:
-    import datasets
-
-    name = f"{source.path}[{source.split}]"
-    try:
-        dataset = datasets.load_dataset(source.path, source.name, split=source.split)
-    except Exception as error:
-        raise DataError(
-            f"{source.path}: not a local file or folder, and loading it as a Hub dataset failed: {_first_line(error)}"
-        ) from None
-    return dataset.to_list(), name
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-# --------------------------------------------------------------------------------------------------
 # Rows -> texts
 
 
@@ -180,7 +98,7 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list)
 
 
-def _check_messages(messages: Any, where: str) -> None:
+def check_messages(messages: Any, where: str) -> None:
     if not messages:
         raise DataError(f"{where}: empty message list")
     for i, message in enumerate(messages):
@@ -207,7 +125,7 @@ def check_row(row: dict[str, Any], where: str) -> None:
     if _is_messages(chosen):
         for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if key != "prompt" or value:
-                _check_messages(value, f"{where}: {key}")
+                check_messages(value, f"{where}: {key}")
         return
     for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if value is not None and not isinstance(value, str):
@@ -271,16 +189,6 @@ def check_rows(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> No
 # Tokenizing, truncating, filtering
 
 
-def special_token_frame(tokenizer) -> tuple[int, int]:
-    """How many special tokens the tokenizer puts before and after plain text (e.g. BERT: [CLS] / [SEP])."""
-    bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
-    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(bare) + 1):
-        if full[start : start + len(bare)] == bare:
-            return start, len(full) - start - len(bare)
-    return 0, 0
-
-
 def truncate_left(ids: list[int], max_length: int, head: int, tail: int) -> list[int]:
     """Keep the last tokens of the body (prompt is cut first, then the start of the completion).
 
@@ -303,14 +211,14 @@ def tokenize_pairs(
     truncation: str,
     num_proc: int | None = None,
     row_offset: int = 0,
-) -> tuple[list[dict[str, Any]], Preflight]:
-    """Tokenized pairs `{chosen_ids, rejected_ids, margin?, row}` and what was dropped on the way."""
+) -> tuple[list[Group], Preflight]:
+    """Tokenized pairs (groups of two: chosen, rejected) and what was dropped on the way."""
     stats = Preflight(name=name, read=len(rows))
     texts = [row_texts(row, f"{name}: row {index + 1 + row_offset}", tokenizer, fmt) for index, row in enumerate(rows)]
     margins = row_margins(rows, name, row_offset)
     chosen_ids, rejected_ids = _tokenize(texts, tokenizer, num_proc)
     head, tail = special_token_frame(tokenizer)
-    pairs = []
+    groups = []
     for index, (chosen, rejected, (_, _, add_special)) in enumerate(zip(chosen_ids, rejected_ids, texts)):
         stats.longest = max(stats.longest, len(chosen), len(rejected))
         if chosen == rejected:
@@ -326,19 +234,31 @@ def tokenize_pairs(
             if chosen == rejected:
                 stats.identical += 1
                 continue
-        if not fmt.is_encoder and (fmt.pad_token_id in chosen or fmt.pad_token_id in rejected):
-            pad = tokenizer.convert_ids_to_tokens(fmt.pad_token_id)
-            raise DataError(
-                f"{name}: row {index + 1 + row_offset}: contains the pad token {pad!r}, which would hide the reward "
-                "token from transformers' last-non-pad pooling; set model.pad_token to a token your data never uses"
-            )
-        pair = {"chosen_ids": chosen, "rejected_ids": rejected, "row": index + row_offset}
-        if margins[index] is not None:
-            pair["margin"] = margins[index]
-        pairs.append(pair)
+        check_no_pad(chosen + rejected, fmt, tokenizer, f"{name}: row {index + 1 + row_offset}")
+        margin = None if margins[index] is None else [margins[index]]
+        groups.append(Group.of(index + row_offset, [chosen, rejected], [(0, 1)], margin))
         stats.lengths.extend((len(chosen), len(rejected)))
-    stats.kept = len(pairs)
-    return pairs, stats
+    stats.kept = len(groups)
+    return groups, stats
+
+
+def token_ids(groups: list[Group], pad_token_id: int) -> list[int]:
+    """Every token id the groups hold, and the pad id (what a training batch can contain), sorted."""
+    ids = {pad_token_id}
+    for g in groups:
+        ids.update(g.prefix)
+        for completion in g.completions:
+            ids.update(completion)
+    return sorted(ids)
+
+
+def check_no_pad(ids: list[int], fmt: TokenFormat, tokenizer, where: str) -> None:
+    if not fmt.is_encoder and fmt.pad_token_id in ids:
+        pad = tokenizer.convert_ids_to_tokens(fmt.pad_token_id)
+        raise DataError(
+            f"{where}: contains the pad token {pad!r}, which would hide the reward token from transformers' "
+            "last-non-pad pooling; set model.pad_token to a token your data never uses, or remove it from the row"
+        )
 
 
 def _tokenize(texts: list[tuple[str, str, bool]], tokenizer, num_proc: int | None) -> tuple[list, list]:
@@ -402,7 +322,7 @@ def read_splits(data: DataConfig) -> dict[str, tuple[list[dict[str, Any]], str]]
 
 def load_pairs(
     data: DataConfig, tokenizer, fmt: TokenFormat, seed: int, splits: dict | None = None
-) -> tuple[list[dict], list[dict] | None, list[Preflight]]:
+) -> tuple[list[Group], list[Group] | None, list[Preflight]]:
     """Train and eval pairs for a recipe (rows from read_splits), and their pre-flight statistics."""
     assert data.train is not None
     splits = splits if splits is not None else read_splits(data)

@@ -19,83 +19,87 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from rmtrain.batching import choose_layout
+from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import TokenFormat, read_rows, special_token_frame, tokenize_pairs
+from rmtrain.data import Group, tokenize_pairs
+from rmtrain.engine import inference_accelerator
+from rmtrain.errors import ExportError, ModelError
 from rmtrain.log import RunLog
-from rmtrain.model import (
-    FORMAT_FILE,
-    ModelError,
-    RewardModel,
-    choose_pad_token,
-    load_saved,
-    save_model_folder,
-)
+from rmtrain.model import RewardModel
+from rmtrain.saved import folder_kind, load_saved, save_model_folder
+from rmtrain.scoring import evaluate_pairs, inference_set
+from rmtrain.sources import read_rows
+from rmtrain.tokenizer import TokenFormat, choose_pad_token, special_token_frame
 
 STATS_FILE = "reward_stats.json"
 CHECK_TOLERANCE = 1e-3
 CHECK_PAIRS = 16
 
 
-class ExportError(ValueError):
-    """The export cannot be done as asked, or the written folder does not give rmtrain's rewards."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Reference pairs: the run's eval set (or --data), for the statistics and the check
 
 
-def reference_rows(
-    run_dir: Path, data_path: str | None, rm: RewardModel, max_length: int
-) -> tuple[str, list[dict], list[dict]] | None:
-    """(name, raw rows, eval pairs) whose rewards define the statistics; None when the run has no eval set.
+TRAIN_REFERENCE_PAIRS = 512
+"""Pairs of the training data that stand in for an eval set the run does not have."""
 
-    Pairs are tokenized as the run's eval was (recipe max_length and truncation); `pair["row"]` indexes
-    the raw rows.
-    """
+
+@dataclass
+class Reference:
+    """Pairs whose rewards define the statistics and the check, with the raw rows they index."""
+
+    name: str
+    what: str
+    """Where they come from, for the console: "--data", "the run's eval pairs" or "the run's training data"."""
+    rows: list[dict]
+    pairs: list[Group]
+    """Tokenized as the run's eval was; `pair.row` indexes `rows`."""
+
+
+def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_length: int) -> Reference | None:
+    """--data, else the run's eval pairs, else the first pairs of its training data; None without a recipe."""
     from rmtrain.config import load_recipe
-    from rmtrain.data import check_single_shape, load_pairs
+    from rmtrain.data import check_single_shape, load_pairs, read_splits
 
     if data_path is not None:
         rows, name = read_rows(DataSource(path=data_path))
         check_single_shape(rows, name)
         pairs, _ = tokenize_pairs(rows, name, rm.tokenizer, rm.fmt, max_length, "filter")
-        return name, rows, pairs
+        return Reference(name, "--data", rows, pairs)
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         return None
     recipe = load_recipe(recipe_file)
     data = recipe.data
-    if data.eval is None and not data.eval_fraction:
-        return None
-    _, eval_pairs, _ = load_pairs(data, rm.tokenizer, rm.fmt, recipe.train.seed)
-    source = data.eval if data.eval is not None else data.train
-    rows, name = read_rows(source)
-    pairs = [p | {"row": p["row"] - source.skip} for p in eval_pairs or []]
-    return name, rows, pairs
+    splits = read_splits(data)
+    train, eval_pairs, _ = load_pairs(data, rm.tokenizer, rm.fmt, recipe.train.seed, splits)
+    if eval_pairs:
+        split, pairs, what = ("eval" if data.eval else "train"), eval_pairs, "the run's eval pairs"
+    else:
+        split, pairs = "train", train[:TRAIN_REFERENCE_PAIRS]
+        what = f"the run has no eval set: the first {len(pairs)} pairs of its training data"
+    rows, name = splits[split]
+    skip = getattr(data, split).skip
+    return Reference(name, what, rows, [replace(p, row=p.row - skip) for p in pairs])
 
 
-@torch.inference_mode()
-def pair_rewards(rm: RewardModel, pairs: list[dict], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) rewards of `pairs` in their order, computed as `rmtrain eval` does."""
-    from accelerate import Accelerator
-
-    from rmtrain.batching import choose_layout, make_dataloader
-    from rmtrain.evaluate import score_pairs
-
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-    indexed = [p | {"row": i} for i, p in enumerate(pairs)]
+def pair_rewards(rm: RewardModel, pairs: list[Group], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards of `pairs` in their order, computed as `rmtrain eval` computes them."""
+    accelerator = inference_accelerator()
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
-    loader, _ = make_dataloader(indexed, layout, rm.fmt.pad_token_id, mask_format, batch_size, 0, shuffle=False, length_grouped=True)
-    model, loader = accelerator.prepare(rm.model, loader)
-    _, per_pair = score_pairs(accelerator, model, rm, loader)
-    order = per_pair["row"].argsort()
-    return per_pair["chosen"][order], per_pair["rejected"][order]
+    max_tokens = inference_tokens_per_forward(rm.model, accelerator.device)
+    model = accelerator.prepare(rm.model)
+    scored = inference_set(accelerator, pairs, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens)
+    _, per_pair = evaluate_pairs(accelerator, model, rm, scored)
+    return per_pair["chosen"], per_pair["rejected"]
 
 
 def reward_statistics(chosen: torch.Tensor, rejected: torch.Tensor, name: str) -> dict[str, Any]:
@@ -182,12 +186,12 @@ def check_head_has_bias(head: nn.Module, model_name: str) -> None:
 # The check: the folder in a fresh process, read the way an RL trainer reads it
 
 
-def check_inputs(rows: list[dict], pairs: list[dict], count: int) -> list[dict]:
+def check_inputs(rows: list[dict], pairs: list[Group], count: int) -> list[dict]:
     """Inputs for rmtrain.plain_check: the chosen then the rejected side of the first `count` pairs."""
     inputs = []
     for side in ("chosen", "rejected"):
         for pair in pairs[:count]:
-            row = rows[pair["row"]]
+            row = rows[pair.row]
             prompt, response = row.get("prompt"), row[side]
             if isinstance(response, list):
                 inputs.append({"messages": (prompt or []) + response})
@@ -230,7 +234,7 @@ def export_model(
     out, run = Path(out_dir), Path(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out}: exists and is not empty; choose a new folder")
-    if (run / "adapter_config.json").is_file() and not merge:
+    if folder_kind(run, "run or model folder") == "adapter" and not merge:
         raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
     # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
     rm, max_length = load_saved(run, dtype=torch.float32)
@@ -242,15 +246,18 @@ def export_model(
 
     if normalize:
         check_head_has_bias(rm.head, type(model.get_base_model() if is_adapter else model).__name__)
-    reference = reference_rows(run, data_path, rm, max_length)
+    reference = reference_pairs(run, data_path, rm, max_length)
     stats, check_sample = None, None
     if reference is not None:
-        name, rows, pairs = reference
+        name, rows, pairs = reference.name, reference.rows, reference.pairs
         if not pairs:
             raise ExportError(f"{name}: no pairs left for the reward statistics (all filtered by length?)")
         chosen, rejected = pair_rewards(rm, pairs)
-        stats = reward_statistics(chosen, rejected, name)
-        log.info(f"reward statistics over {stats['num_rewards']} rewards of {name}: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
+        stats = reward_statistics(chosen, rejected, name) | {"pairs_from": reference.what}
+        log.info(
+            f"reward statistics over {stats['num_rewards']} rewards of {name} ({reference.what}): "
+            f"mean {stats['mean']:.4f}, std {stats['std']:.4f}"
+        )
         # The check reads whole texts, so it uses pairs that fit max_length untruncated.
         whole, _ = tokenize_pairs(rows[: 4 * check_pairs], name, rm.tokenizer, rm.fmt, max_length, "filter")
         whole = whole[:check_pairs]
@@ -258,10 +265,10 @@ def export_model(
             c, r = pair_rewards(rm, whole)
             check_sample = (check_inputs(rows, whole, check_pairs), torch.cat([c, r]).double())
     if normalize and stats is None:
-        raise ExportError(f"--normalize: {run_dir} has no eval set (data.eval or data.eval_fraction); pass --data PAIRS.jsonl")
+        raise ExportError(f"--normalize: {run_dir} is not a run (no recipe.yaml) and no --data was given; pass --data PAIRS.jsonl")
     if check and check_sample is None:
         raise ExportError(
-            f"export check: no pairs to compare on ({run_dir} has no eval set, or none fits max_length); "
+            f"export check: no pairs to compare on ({run_dir} is not a run with data, or no pair fits max_length); "
             "pass --data PAIRS.jsonl, or --no-check"
         )
 
@@ -283,9 +290,7 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     format_extra = {"eos_added_by_tokenizer": fmt.append_eos if eos_in_tokenizer else None, "normalized": normalize}
     try:
-        save_model_folder(model, None, rm.tokenizer, saved_fmt, max_length, tmp)
-        format_file = tmp / FORMAT_FILE
-        format_file.write_text(json.dumps(json.loads(format_file.read_text()) | format_extra, indent=2) + "\n")
+        save_model_folder(model, None, rm.tokenizer, saved_fmt, max_length, tmp, **format_extra)
         if stats is not None:
             (tmp / STATS_FILE).write_text(json.dumps(stats | {"folded_into_head": normalize}, indent=2) + "\n")
         worst = check_folder(tmp, out, check_sample if check else None, stats if normalize else None, log)

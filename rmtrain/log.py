@@ -5,12 +5,13 @@ Only the main process writes; other processes get a logger whose methods do noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -121,6 +122,15 @@ class Throughput:
         if self._since is not None:
             self.window["seconds"] += time.perf_counter() - self._since
             self._since = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Evaluation and checkpointing inside the loop do not count as training time."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
 
     def add(self, pairs: int, real_tokens: int, computed_tokens: int) -> None:
         self.window["pairs"] += pairs

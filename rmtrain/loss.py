@@ -27,29 +27,30 @@ def centering_penalty(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Ten
     return (chosen + rejected) ** 2
 
 
-def reward_loss(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    margin: torch.Tensor | None = None,
-    center_rewards_coefficient: float | None = None,
+def objective(
+    loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float | None = None
 ) -> torch.Tensor:
-    """Per-pair training loss; its mean over pairs is what is optimised and logged as `loss`."""
-    loss = bradley_terry_loss(chosen, rejected, margin)
+    """Per-pair training objective from the pairs' Bradley-Terry `loss`: plus the centering term when its
+    coefficient is set. Its mean over pairs is what is optimised."""
     if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * centering_penalty(chosen, rejected)
+        return loss + center_rewards_coefficient * centering_penalty(chosen, rejected)
     return loss
 
 
-def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+def pair_stats(
+    chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor, center_rewards_coefficient: float | None = None
+) -> dict[str, float]:
     """Metrics over every pair given (already gathered across processes).
 
-    accuracy counts a tie as wrong (strict >), as RewardBench does; rewards statistics cover chosen and
-    rejected together.
+    `loss` is the Bradley-Terry loss (margins included) everywhere: training logs, fit's eval and `rmtrain
+    eval` agree on it whatever the recipe. With a centering coefficient, `objective` adds the centering term:
+    what training minimises. accuracy counts a tie as wrong (strict >), as RewardBench does; reward statistics
+    cover chosen and rejected together.
     """
     chosen = chosen.detach().double()
     rejected = rejected.detach().double()
     rewards = torch.cat([chosen, rejected])
-    return {
+    values = {
         "loss": loss.detach().double().mean().item(),
         "accuracy": (chosen > rejected).double().mean().item(),
         "margin": (chosen - rejected).mean().item(),
@@ -59,6 +60,10 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor)
         "max_reward": rewards.max().item(),
         "num_pairs": int(chosen.numel()),
     }
+    if center_rewards_coefficient:
+        penalty = centering_penalty(chosen, rejected).mean().item()
+        values["objective"] = values["loss"] + center_rewards_coefficient * penalty
+    return values
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

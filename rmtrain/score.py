@@ -9,25 +9,25 @@ each batch's lines are written as soon as it finishes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import torch
 
+from rmtrain.batching import choose_layout
+from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import (
-    DataError,
-    _check_messages,
-    read_rows,
-    row_texts,
-    special_token_frame,
-    truncate_left,
-)
-from rmtrain.evaluate import collate_sequences, sorted_batches
+from rmtrain.data import Group, check_messages, check_no_pad, row_texts, truncate_left
+from rmtrain.engine import inference_accelerator
+from rmtrain.errors import DataError
 from rmtrain.log import RunLog
-from rmtrain.model import RewardModel, inference_tokens_per_forward, load_saved, sequence_rewards
+from rmtrain.model import RewardModel
+from rmtrain.saved import folder_kind, load_saved
+from rmtrain.scoring import inference_set, iter_rewards
+from rmtrain.sources import read_rows
+from rmtrain.tokenizer import special_token_frame
 
 # The row shapes `rmtrain score` accepts (without --field), documented in the README.
 SHAPES = "'text', 'messages', or 'prompt' with 'completion' (or 'response')"
@@ -63,8 +63,8 @@ def input_text(row: dict[str, Any], where: str, field: str | None, tokenizer, fm
         if prompt is not None and not isinstance(prompt, list):
             raise DataError(f"{where}: 'prompt' is a string but '{name}' is a message list; use one shape")
         if prompt:
-            _check_messages(prompt, f"{where}: prompt")
-        _check_messages(completion, f"{where}: {name}")
+            check_messages(prompt, f"{where}: prompt")
+        check_messages(completion, f"{where}: {name}")
     elif isinstance(completion, str):
         if prompt is not None and not isinstance(prompt, str):
             raise DataError(f"{where}: 'prompt' is a message list but '{name}' is a string; use one shape")
@@ -98,26 +98,8 @@ def tokenize_inputs(
             h, t = (head, tail) if texts[i][1] else (0, 0)
             ids[i] = seq = truncate_left(seq, max_length, h, t)
         truncated.append(cut)
-        if not fmt.is_encoder and fmt.pad_token_id in seq:
-            pad = tokenizer.convert_ids_to_tokens(fmt.pad_token_id)
-            raise DataError(
-                f"{name}: row {i + 1}: contains the pad token {pad!r}, which the reward model never saw as text; "
-                "remove it from the row"
-            )
+        check_no_pad(seq, fmt, tokenizer, f"{name}: row {i + 1}")
     return ids, truncated  # type: ignore[return-value]
-
-
-@torch.inference_mode()
-def reward_batches(
-    rm: RewardModel, ids: list[list[int]], batch_size: int, max_tokens: int | None, device
-) -> Iterator[tuple[list[int], list[float]]]:
-    """(row indices, rewards) per batch, longest batch first, batches cut as eval cuts them (`sorted_batches`).
-    Rewards read as in training (last real token)."""
-    for batch in sorted_batches([len(s) for s in ids], batch_size, max_tokens):
-        padded = collate_sequences([(ids[i], i) for i in batch], rm.fmt.pad_token_id)
-        input_ids, attention_mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
-        rewards = sequence_rewards(rm.model, rm.head, rm.fmt.is_encoder, input_ids, attention_mask)
-        yield batch, rewards.float().cpu().tolist()
 
 
 @contextmanager
@@ -143,26 +125,32 @@ def run_score(
 ) -> int:
     """`rmtrain score`: every row checked and tokenized before the output is opened; returns the row count.
 
-    Batches hold at most `batch_size` sequences and `max_tokens_per_forward` tokens ("auto": as `rmtrain eval`).
+    Batches hold at most `batch_size` sequences and `max_tokens_per_forward` tokens ("auto": as `rmtrain eval`),
+    longest first; each batch's lines are written as it finishes (`in_order`: buffered into input order).
     """
-    log = log or RunLog()
+    accelerator = inference_accelerator()
+    log = log or RunLog(enabled=accelerator.is_main_process)
     if out != "-" and not Path(out).parent.is_dir():
         raise DataError(f"--out: {out}: folder {Path(out).parent} does not exist; create it or pick another path")
-    rm, trained_max_length = load_saved(model_path)
-    max_length = max_length or trained_max_length or 1024
+    folder_kind(Path(model_path))
     rows, name = read_rows(DataSource(path=data_path, split=split))
     if not rows:
         raise DataError(f"{name}: no rows to score")
+    rm, trained_max_length = load_saved(model_path)
+    max_length = max_length or trained_max_length or 1024
     ids, truncated = tokenize_inputs(rows, name, field, rm, max_length)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rm.model.to(device)
     if max_tokens_per_forward == "auto":
-        max_tokens_per_forward = inference_tokens_per_forward(rm.model, device)
+        max_tokens_per_forward = inference_tokens_per_forward(rm.model, accelerator.device)
+    layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
+    model = accelerator.prepare(rm.model)
+    groups = [Group(i, [], [seq], []) for i, seq in enumerate(ids)]
+    scored = inference_set(accelerator, groups, layout, mask_format, rm.fmt.pad_token_id, batch_size, max_tokens_per_forward)
     waiting: dict[int, str] = {}
     next_row = 0
-    with _output(out) as handle:
-        for batch, rewards in reward_batches(rm, ids, batch_size, max_tokens_per_forward, device):
-            for i, reward in zip(batch, rewards):
+    with _output(out if accelerator.is_main_process else os.devnull) as handle:
+        for keys, rewards in iter_rewards(accelerator, model, rm, scored.loader):
+            batch = keys.tolist()
+            for i, reward in zip(batch, rewards.tolist()):
                 record = {"row": i + 1, "reward": reward, "tokens": len(ids[i])} | ({"truncated": True} if truncated[i] else {})
                 waiting[i] = json.dumps(record)
             if not in_order:

@@ -78,7 +78,7 @@ def test_deepspeed_auto_values_come_from_the_recipe(config, monkeypatch):
     from accelerate.utils import DeepSpeedPlugin
 
     from rmtrain.config import TrainConfig
-    from rmtrain.train import fill_deepspeed_auto
+    from rmtrain.engine import fill_deepspeed_auto
 
     _, env = launch_env(config, "--num_processes", "2")
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
@@ -124,7 +124,8 @@ def test_lora_final_save_from_a_gathered_full_state_dict(tiny_qwen3, tmp_path):
     from safetensors.torch import load_file
 
     from rmtrain.config import LoraConfig, ModelConfig
-    from rmtrain.model import load_reward_model, save_model_folder
+    from rmtrain.model import load_reward_model
+    from rmtrain.saved import save_model_folder
 
     rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(r=4), False)
     with torch.no_grad():

@@ -9,10 +9,11 @@ from rmtrain.batching import (
     collate_packed,
     collate_plain,
     collate_shared_prefix,
-    pair_cost,
+    group_cost,
+    group_shape,
 )
 from rmtrain.config import LoraConfig, ModelConfig
-from rmtrain.data import tokenize_pairs
+from rmtrain.data import Group, tokenize_pairs
 from rmtrain.model import batch_rewards, load_reward_model
 from tests.conftest import read_jsonl
 
@@ -25,7 +26,7 @@ def hh_pairs(rm, shared_data, n=6, max_length=160):
 
 def rewards_and_grads(rm, batch):
     rm.model.zero_grad(set_to_none=True)
-    chosen, rejected = batch_rewards(rm.model, rm, batch)
+    chosen, rejected = batch_rewards(rm.model, rm, batch)[batch["pair_index"]].unbind(1)
     weights = torch.linspace(0.5, 1.5, chosen.numel())
     ((chosen - 2 * rejected) * weights).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in rm.model.named_parameters() if p.grad is not None}
@@ -53,7 +54,7 @@ def test_tiny_qwen3_layouts_match_plain(tiny_qwen3, shared_data, lora):
     rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), LoraConfig(r=4, alpha=8) if lora else None)
     pairs = hh_pairs(rm, shared_data)
     # HH pairs share the whole conversation up to the last answer: the prefix is long.
-    assert sum(pair_cost(p, "shared_prefix") for p in pairs) < 0.75 * sum(pair_cost(p, "packed") for p in pairs)
+    assert sum(group_cost(p, "shared_prefix") for p in pairs) < 0.75 * sum(group_cost(p, "packed") for p in pairs)
     assert_same(rm, pairs, [collate_shared_prefix, collate_packed])
 
 
@@ -76,8 +77,12 @@ def test_smollm2_layouts_match_plain_with_and_without_lora(smollm2, shared_data)
     assert_same(rm, pairs, [collate_shared_prefix])
 
 
+def pair(chosen: list[int], rejected: list[int], row: int = 0) -> Group:
+    return Group.of(row, [chosen, rejected], [(0, 1)])
+
+
 def test_shared_prefix_when_one_side_is_a_prefix_of_the_other():
-    pairs = [{"chosen_ids": [5, 6, 7], "rejected_ids": [5, 6, 7, 8, 9], "row": 0}]
+    pairs = [pair([5, 6, 7], [5, 6, 7, 8, 9])]
     batch = collate_shared_prefix(pairs, pad_token_id=0)
     # Each side keeps its own reward token: the shared prefix stops one before the shorter end.
     assert batch["input_ids"].tolist() == [[5, 6, 7, 7, 8, 9]]
@@ -87,9 +92,30 @@ def test_shared_prefix_when_one_side_is_a_prefix_of_the_other():
     assert not mask[3, 2] and mask[3, 1] and mask[5, 3]
 
 
+def test_shared_prefix_of_three_completions_each_blind_to_the_others():
+    # A group of three (a list): prefix [1, 2], completions [3], [4, 5], [6]; rewards at each completion's end.
+    group = Group.of(0, [[1, 2, 3], [1, 2, 4, 5], [1, 2, 6]], [(0, 1), (0, 2), (1, 2)])
+    assert group.prefix == [1, 2] and group.completions == [[3], [4, 5], [6]]
+    batch = collate_shared_prefix([group], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 2]]
+    assert batch["reward_index"].tolist() == [2, 4, 5]
+    assert batch["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2]]
+    mask = batch["attention_mask"][0, 0].int().tolist()
+    assert mask == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],  # the second completion sees the prefix and itself, not the first completion
+        [1, 1, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1],
+    ]
+    assert batch["real_tokens"].item() == 3 + 4 + 3  # every sequence in full
+
+
 def test_length_grouped_sampler_covers_every_pair_once_and_reshuffles():
     costs = [((i * 37) % 101) + 1 for i in range(200)]
-    sampler = LengthGroupedBatchSampler(costs, batch_size=8, seed=1, mega_batch=25)
+    sampler = LengthGroupedBatchSampler([(c, 1) for c in costs], batch_size=8, seed=1, mega_batch=25)
     first = list(sampler)
     assert sorted(i for b in first for i in b) == list(range(200))
     # Within a batch lengths are close: far less padding than batches in random order.
@@ -105,28 +131,23 @@ def test_length_grouped_sampler_covers_every_pair_once_and_reshuffles():
 
 def test_token_budget_caps_padded_tokens():
     costs = [10] * 20 + [100] * 5
-    sampler = LengthGroupedBatchSampler(costs, batch_size=4, seed=0, max_tokens=200)
+    sampler = LengthGroupedBatchSampler([(c, 1) for c in costs], batch_size=4, seed=0, max_tokens=200)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(25))
     for b in batches:
         assert max(costs[i] for i in b) * len(b) <= 200
     assert max(len(b) for b in batches) >= 19  # short pairs share a batch (one joins the last long pair)
-    # Evaluation keeps both bounds: at most batch_size pairs and max_tokens tokens.
-    capped = list(LengthGroupedBatchSampler(costs, batch_size=4, seed=0, max_tokens=200, shuffle=False, cap_pairs=True))
-    # Longest first: two 100s per 200 tokens, the fifth with one 10 (2 x 100 padded), then the other 19 in fours.
-    assert [len(b) for b in capped] == [2, 2, 2, 4, 4, 4, 4, 3]
-    assert sorted(i for b in capped for i in b) == list(range(25))
 
 
 def test_token_counts_by_hand():
     from rmtrain.batching import token_counts
 
     pairs = [
-        {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5], "row": 0},  # prefix 2 -> unique 5
-        {"chosen_ids": [7, 8], "rejected_ids": [9, 8, 6, 6, 6, 6], "row": 1},  # prefix 0 -> unique 8
+        pair([1, 2, 3, 4], [1, 2, 5], 0),  # prefix 2 -> unique 5
+        pair([7, 8], [9, 8, 6, 6, 6, 6], 1),  # prefix 0 -> unique 8
     ]
     def one_batch(layout):
-        return LengthGroupedBatchSampler([pair_cost(p, layout) for p in pairs], batch_size=2, seed=0)
+        return LengthGroupedBatchSampler([group_shape(p, layout) for p in pairs], batch_size=2, seed=0, layout=layout)
 
     assert token_counts(pairs, one_batch("plain"), "plain") == (2 * 2 * 6, 15, 13)  # 4 rows padded to 6
     assert token_counts(pairs, one_batch("packed"), "packed") == (15, 15, 13)
@@ -136,12 +157,12 @@ def test_token_counts_by_hand():
 def test_split_by_tokens_respects_budget_and_keeps_every_pair():
     from rmtrain.batching import split_by_tokens
 
-    pairs = [{"chosen_ids": [1] * n, "rejected_ids": [2] * n, "row": i} for i, n in enumerate([3, 9, 5, 2, 9])]
+    pairs = [pair([1] * n, [2] * n, i) for i, n in enumerate([3, 9, 5, 2, 9])]
     # plain costs 2 * n: 6, 18, 10, 4, 18; longest first, padded to the widest of each chunk.
     chunks = split_by_tokens(pairs, "plain", max_tokens=36)
-    assert [[p["row"] for p in c] for c in chunks] == [[1, 4], [2, 0, 3]]  # 18*2 = 36; then 10*3 = 30
+    assert [[p.row for p in c] for c in chunks] == [[1, 4], [2, 0, 3]]  # 18*2 = 36; then 10*3 = 30
     # packed pays each pair's own tokens: 18 + 18 > 30, 10 + 6 + 4 = 20.
-    assert [[p["row"] for p in c] for c in split_by_tokens(pairs, "packed", max_tokens=30)] == [[1], [4, 2], [0, 3]]
+    assert [[p.row for p in c] for c in split_by_tokens(pairs, "packed", max_tokens=30)] == [[1], [4, 2], [0, 3]]
     # A pair over budget on its own still gets a pass; no budget: one pass.
     assert [len(c) for c in split_by_tokens(pairs, "plain", max_tokens=16)] == [1, 1, 1, 2]
     assert split_by_tokens(pairs, "plain", max_tokens=None) == [pairs]
@@ -152,8 +173,8 @@ def test_length_grouped_steps_hold_the_same_pairs_at_any_world_size():
     from accelerate.data_loader import BatchSamplerShard
 
     costs = [((i * 37) % 101) + 1 for i in range(83)]  # 83 pairs: a short last step of 3
-    one = list(LengthGroupedBatchSampler(costs, batch_size=8, seed=3))
-    two = LengthGroupedBatchSampler(costs, batch_size=4, seed=3, num_processes=2)
+    one = list(LengthGroupedBatchSampler([(c, 1) for c in costs], batch_size=8, seed=3))
+    two = LengthGroupedBatchSampler([(c, 1) for c in costs], batch_size=4, seed=3, num_processes=2)
     shards = [list(BatchSamplerShard(two, num_processes=2, process_index=rank)) for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == len(one)
     for step, pairs in enumerate(one):
@@ -168,16 +189,17 @@ def test_plain_batches_hold_the_same_pairs_at_any_world_size_except_the_short_la
     import torch
     from accelerate.data_loader import prepare_data_loader
 
-    from rmtrain.batching import make_dataloader
+    from rmtrain.batching import collate_for, training_loader
 
-    pairs = [{"chosen_ids": [1, 2, 3 + i % 5], "rejected_ids": [1, 4], "row": i} for i in range(42)]
+    pairs = [pair([1, 2, 3 + i % 5], [1, 4], i) for i in range(42)]
 
     def steps(batch_size: int, num_processes: int, rank: int) -> list[list[int]]:
         torch.manual_seed(42)  # fit's set_seed: the seedable sampler starts from torch's initial seed
-        loader, _ = make_dataloader(pairs, "plain", 0, "bool", batch_size, 42, shuffle=True, length_grouped=False)
+        loader, _ = training_loader(pairs, "plain", collate_for("plain", 0, "bool"), batch_size, 42, length_grouped=False,
+                                    max_tokens_per_batch=None, max_tokens_per_forward=None, num_processes=num_processes)
         sharded = prepare_data_loader(loader, num_processes=num_processes, process_index=rank, put_on_device=False,
                                       use_seedable_sampler=True)
-        return [batch["row"].tolist() for batch in sharded]
+        return [passes[0]["row"].tolist() for passes in sharded]
 
     one = steps(8, 1, 0)
     two = [steps(4, 2, rank) for rank in (0, 1)]

@@ -3,9 +3,11 @@
 import pytest
 
 from rmtrain.config import ModelConfig
-from rmtrain.data import DataError, TokenFormat, read_rows, tokenize_pairs, truncate_left
 from rmtrain.config import DataSource
-from rmtrain.model import load_tokenizer
+from rmtrain.data import tokenize_pairs, truncate_left
+from rmtrain.errors import DataError
+from rmtrain.sources import read_rows
+from rmtrain.tokenizer import TokenFormat, load_tokenizer
 from tests.conftest import read_jsonl
 
 
@@ -27,7 +29,7 @@ def bert_tok(minilm):
 def test_standard_implicit_prompt_gets_eos_on_decoders(qwen_tok, qwen_fmt):
     rows = [{"chosen": "Q: hi A: hello", "rejected": "Q: hi A: go away"}]
     pairs, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
-    ids = pairs[0]["chosen_ids"]
+    ids = pairs[0].sequence(0)
     assert ids == qwen_tok("Q: hi A: hello" + "<|im_end|>")["input_ids"]
     assert ids[-1] == qwen_tok.eos_token_id
     assert stats.read == stats.kept == 1
@@ -36,21 +38,21 @@ def test_standard_implicit_prompt_gets_eos_on_decoders(qwen_tok, qwen_fmt):
 def test_eos_not_appended_twice(qwen_tok, qwen_fmt):
     rows = [{"chosen": "yes<|im_end|>", "rejected": "no"}]
     pairs, _ = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
-    assert pairs[0]["chosen_ids"].count(qwen_tok.eos_token_id) == 1
-    assert pairs[0]["rejected_ids"][-1] == qwen_tok.eos_token_id
+    assert pairs[0].sequence(0).count(qwen_tok.eos_token_id) == 1
+    assert pairs[0].sequence(1)[-1] == qwen_tok.eos_token_id
 
 
 def test_standard_explicit_prompt_is_prompt_plus_completion(qwen_tok, qwen_fmt):
     rows = [{"prompt": "Q: 2+2? ", "chosen": "4", "rejected": "5", "margin": 1.5}]
     pairs, _ = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
-    assert pairs[0]["chosen_ids"] == qwen_tok("Q: 2+2? 4<|im_end|>")["input_ids"]
-    assert pairs[0]["margin"] == 1.5
+    assert pairs[0].sequence(0) == qwen_tok("Q: 2+2? 4<|im_end|>")["input_ids"]
+    assert pairs[0].margins == [1.5]
 
 
 def test_encoders_get_their_special_tokens_and_no_eos(bert_tok):
     fmt = TokenFormat(append_eos=None, pad_token_id=bert_tok.pad_token_id, is_encoder=True)
     pairs, _ = tokenize_pairs([{"chosen": "good answer", "rejected": "bad answer"}], "t", bert_tok, fmt, 64, "filter")
-    ids = pairs[0]["chosen_ids"]
+    ids = pairs[0].sequence(0)
     assert ids[0] == bert_tok.cls_token_id and ids[-1] == bert_tok.sep_token_id
     assert ids == bert_tok("good answer")["input_ids"]
 
@@ -62,10 +64,10 @@ def test_conversational_implicit_and_explicit_prompt_render_the_same(qwen_tok, q
     explicit = [{"prompt": [user], "chosen": [good], "rejected": [bad]}]
     a, _ = tokenize_pairs(implicit, "t", qwen_tok, qwen_fmt, 64, "filter")
     b, _ = tokenize_pairs(explicit, "t", qwen_tok, qwen_fmt, 64, "filter")
-    assert a[0]["chosen_ids"] == b[0]["chosen_ids"]
+    assert a[0].sequence(0) == b[0].sequence(0)
     want = qwen_tok.apply_chat_template([user, good], tokenize=True, return_dict=True)["input_ids"]
-    assert a[0]["chosen_ids"] == want
-    text = qwen_tok.decode(a[0]["chosen_ids"])
+    assert a[0].sequence(0) == want
+    text = qwen_tok.decode(a[0].sequence(0))
     assert text.endswith("<|im_start|>assistant\nBlue.<|im_end|>\n")
 
 
@@ -84,12 +86,12 @@ def test_filter_drops_long_pairs_and_truncate_keeps_them(qwen_tok, qwen_fmt, ber
     assert "1 dropped (longer than 16 tokens)" in stats.line("filter", 16)
     kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 16, "truncate")
     assert len(kept) == 2 and stats.truncated == 1
-    chosen = kept[0]["chosen_ids"]
+    chosen = kept[0].sequence(0)
     assert len(chosen) == 16 and chosen[-1] == qwen_tok.eos_token_id
     assert qwen_tok.decode(chosen).endswith("word yes<|im_end|>")
     fmt = TokenFormat(append_eos=None, pad_token_id=bert_tok.pad_token_id, is_encoder=True)
     kept, _ = tokenize_pairs(rows, "t", bert_tok, fmt, 16, "truncate")
-    assert kept[0]["chosen_ids"][0] == bert_tok.cls_token_id and kept[0]["chosen_ids"][-1] == bert_tok.sep_token_id
+    assert kept[0].sequence(0)[0] == bert_tok.cls_token_id and kept[0].sequence(0)[-1] == bert_tok.sep_token_id
 
 
 def test_identical_pairs_are_dropped_and_counted(qwen_tok, qwen_fmt):
@@ -138,11 +140,11 @@ def test_real_files_of_every_shape(shared_data, qwen_tok, qwen_fmt, file, explic
     assert stats.read == 40 and len(pairs) + stats.identical == 40
     for pair in pairs:
         # Standard text ends with the appended EOS; ChatML renders "<|im_end|>\n" after the last turn.
-        end = pair["chosen_ids"][-2] if conversational else pair["chosen_ids"][-1]
+        end = pair.sequence(0)[-2] if conversational else pair.sequence(0)[-1]
         assert end == qwen_tok.eos_token_id
-        assert qwen_fmt.pad_token_id not in pair["chosen_ids"]
+        assert qwen_fmt.pad_token_id not in pair.sequence(0)
     if file.startswith("ultrafeedback"):
-        assert all("margin" in p for p in pairs)
+        assert all(p.margins is not None for p in pairs)
 
 
 @pytest.mark.shared_data
@@ -151,4 +153,4 @@ def test_conversational_implicit_from_real_rows(shared_data, qwen_tok, qwen_fmt)
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     a, _ = tokenize_pairs(rows, "x", qwen_tok, qwen_fmt, 4096, "filter")
     b, _ = tokenize_pairs(implicit, "x", qwen_tok, qwen_fmt, 4096, "filter")
-    assert [p["chosen_ids"] for p in a] == [p["chosen_ids"] for p in b]
+    assert [p.sequence(0) for p in a] == [p.sequence(0) for p in b]

@@ -177,18 +177,18 @@ def disk_fills_during_second_checkpoint(ctx: Ctx, monkeypatch: pytest.MonkeyPatc
 
 
 def disk_fills_during_final_save(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rmtrain.train
+    import rmtrain.runs
 
-    def save_model_folder(model, state_dict, tokenizer, fmt, max_length, directory):
+    def save_model_folder(model, state_dict, tokenizer, fmt, max_length, directory, **extra):
         Path(directory).mkdir(parents=True)
         (Path(directory) / "model.safetensors").write_bytes(b"\0" * 1024)  # part written, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
 
-    monkeypatch.setattr(rmtrain.train, "save_model_folder", save_model_folder)
+    monkeypatch.setattr(rmtrain.runs, "save_model_folder", save_model_folder)
 
 
 def final_save_left_nothing_half_written(ctx: Ctx) -> None:
-    from rmtrain.train import latest_checkpoint
+    from rmtrain.runs import latest_checkpoint
 
     assert not (ctx.out / ".final.tmp").exists() and not (ctx.out / "model.safetensors").exists()
     assert not (ctx.out / "run_info.json").exists()  # the run is not marked complete
@@ -196,7 +196,7 @@ def final_save_left_nothing_half_written(ctx: Ctx) -> None:
 
 
 def previous_checkpoint_intact(ctx: Ctx) -> None:
-    from rmtrain.train import STATE_FILE, latest_checkpoint
+    from rmtrain.runs import STATE_FILE, latest_checkpoint
 
     root = ctx.out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1"]  # the partial .checkpoint-2.tmp is gone
@@ -250,6 +250,29 @@ def foreign_folder(ctx: Ctx) -> list[str]:
     (ctx.out / "config.json").write_text('{"mine": true}\n')
     ctx.before = snapshot(ctx.out)
     return ctx.fit()
+
+
+def unfinished_run(ctx: Ctx) -> list[str]:
+    """A run folder as a killed run leaves it: recipe, metrics, a checkpoint, no final model."""
+    checkpoint = ctx.out / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text('{"step": 2}\n')
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (ctx.out / "recipe.yaml").write_text("model: {name_or_path: x}\n")
+    ctx.before = snapshot(ctx.out)
+    return ["export", str(ctx.out), str(ctx.tmp / "exported")]
+
+
+def notes_folder(ctx: Ctx) -> Path:
+    folder = ctx.tmp / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "readme.txt").write_text("not a model")
+    return folder
+
+
+def nothing_exported(ctx: Ctx) -> None:
+    untouched(ctx)
+    assert not any(p.name.startswith("exported") for p in ctx.tmp.iterdir())
 
 
 def untouched(ctx: Ctx) -> None:
@@ -324,6 +347,10 @@ CASES = [
     Case("chat-template-folder-not-tokenizer", "Model", "`model.chat_template_path` a folder without a tokenizer",
          empty_template_folder,
          ["model.chat_template_path: <tmp>/not-a-tokenizer is a folder but holds no tokenizer transformers can load"]),
+    Case("lora-init-from-not-an-adapter", "Model", "`lora.init_from` a model folder that is not a PEFT adapter",
+         lambda c: c.fit(lora={"init_from": c.models["tiny-qwen3"]}),
+         ["lora.init_from: <tiny-qwen3>: not a PEFT adapter folder (no adapter_config.json); give the folder of a LoRA "
+          "run (or of its adapter), or remove lora.init_from to start a new adapter"]),
     Case("bf16-unsupported", "Model", "`train.bf16: true` where the device has no bf16 (simulated: this CPU has it)",
          lambda c: c.fit(train={"bf16": True}),
          ["train.bf16: true, but this device does not support bf16; set train.bf16: false (fp32), "
@@ -422,10 +449,33 @@ CASES = [
          ["<tmp>/run/checkpoints/checkpoint-1: trained 20 embedding rows, this run's training data gives 17 "
           "(train.embedding_rows: seen); resume with the data and settings the run started with"],
          check=untouched),
+    Case("resume-nothing-to-resume", "Runtime", "`--resume` where `train.output_dir` does not exist yet",
+         lambda c: [*c.fit(), "--resume"],
+         ["train.output_dir: --resume, but <tmp>/run holds no run to resume from; run without --resume to start "
+          "(or with --overwrite to replace what is there)"]),
     Case("output-dir-foreign-files", "Runtime", "`train.output_dir` a non-empty folder that is not a run",
          foreign_folder,
          ["train.output_dir: <tmp>/run is not empty and holds no rmtrain run; choose another folder"],
          check=untouched),
+]
+
+CASES += [
+    # Model folders given to eval, score and export ---------------------------------------------------
+    Case("eval-not-a-model", "Model folders", "`rmtrain eval` on a folder that holds neither a model nor a run",
+         lambda c: ["eval", str(notes_folder(c)), "--data", str(c.data())],
+         ["<tmp>/notes: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); give a finished run "
+          "or a model folder"]),
+    Case("score-missing-folder", "Model folders", "`rmtrain score` on a folder that does not exist",
+         lambda c: ["score", str(c.tmp / "no-such-run"), "--data", str(c.data())],
+         ["<tmp>/no-such-run: no such model folder; give a finished run or a model folder"]),
+    Case("export-unfinished-run", "Model folders", "`rmtrain export` on a run that has not finished (killed: checkpoints, no final model)",
+         unfinished_run,
+         ["<tmp>/run: a run that has not finished (no final model yet); let it finish, or resume it with rmtrain fit --resume"],
+         check=nothing_exported),
+    Case("eval-checkpoint-folder", "Model folders", "`rmtrain eval` on a checkpoint folder instead of its run",
+         lambda c: (unfinished_run(c), ["eval", str(c.out / "checkpoints" / "checkpoint-2"), "--data", str(c.data())])[1],
+         ["<tmp>/run/checkpoints/checkpoint-2: a training checkpoint (for --resume), not a model; use the run's folder "
+          "once it has finished"], check=untouched),
 ]
 
 OBSERVED: dict[str, tuple[int, list[str]]] = {}
@@ -535,8 +585,8 @@ def render_doc() -> str:
         "<!-- Generated by tests/test_errors.py from what rmtrain printed; do not edit. "
         "RMTRAIN_UPDATE_ERRORS_DOC=1 pytest tests/test_errors.py rewrites it. -->",
         "",
-        "Every bad input ends `rmtrain fit` with exit status 2 and one `error:` line on stderr that names the "
-        "file, YAML key or row, what was expected and how to fix it; `--debug` shows the Python traceback instead. "
+        "Every bad input, on every command, ends with exit status 2 and one `error:` line on stderr that names the "
+        "file, YAML key, row or folder, what was expected and how to fix it; `--debug` shows the Python traceback instead. "
         "Nothing already on disk is lost: a refused output folder is left untouched, and a save that fails "
         "leaves the previous checkpoint complete. The lines below are what each case of `tests/test_errors.py` "
         "printed (`<tmp>` stands for the test's folder, `<tiny-qwen3>` for the tiny test model). Cases with "

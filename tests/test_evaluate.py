@@ -18,7 +18,7 @@ from rmtrain.diagnostics import (
     spearman,
     subset_accuracy,
 )
-from rmtrain.evaluate import sorted_batches
+from rmtrain.batching import sorted_batches
 from rmtrain.loss import pair_stats
 from tests.conftest import read_jsonl, rmtrain_cli
 from tests.test_fit import rmtrain_rewards
@@ -120,14 +120,17 @@ def test_length_bias_hand_case():
 
 
 def test_sorted_batches_hand_case():
-    # Longest first; a batch closes at 3 items or when its padding would pass 10% of its padded size:
+    ones = [1] * 6
+    # Longest first; a batch closes at 3 sequences or when its padding would pass 10% of its padded size:
     # [10, 9] (20 <= 1.1 * 19), then 5 would make 30 > 1.1 * 24; [5, 5, 4] (15 <= 1.1 * 14) is full; [1].
-    assert sorted_batches([10, 9, 5, 5, 4, 1], max_items=3) == [[0, 1], [2, 3, 4], [5]]
-    assert sorted_batches([3, 7], max_items=8, max_padding=1.0) == [[1, 0]]
+    assert sorted_batches([10, 9, 5, 5, 4, 1], ones, max_sequences=3) == [[0, 1], [2, 3, 4], [5]]
+    assert sorted_batches([3, 7], [1, 1], max_sequences=8, max_padding=1.0) == [[1, 0]]
     # A token budget of 12 also closes batches: [10] alone (2 x 10 > 12), [9], [5, 5] (15 > 12 with the 4),
     # then [4, 1] is cut by padding (8 > 1.1 * 5); an item over the budget still gets its own batch.
-    assert sorted_batches([10, 9, 5, 5, 4, 1], max_items=3, max_tokens=12) == [[0], [1], [2, 3], [4], [5]]
-    assert sorted_batches([30, 2], max_items=3, max_tokens=12) == [[0], [1]]
+    assert sorted_batches([10, 9, 5, 5, 4, 1], ones, max_sequences=3, max_tokens=12) == [[0], [1], [2, 3], [4], [5]]
+    assert sorted_batches([30, 2], [1, 1], max_sequences=3, max_tokens=12) == [[0], [1]]
+    # Items holding several sequences (shared-prefix groups) count them all: two pairs fill 4 sequences.
+    assert sorted_batches([6, 6, 6], [2, 2, 2], max_sequences=4) == [[0, 1], [2]]
 
 
 # --------------------------------------------------------------------------------------------------

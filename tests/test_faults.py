@@ -67,8 +67,8 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path, tin
         head = next(p for n, p in model.named_parameters() if "score" in n)
         if calls["n"] == 3:  # the third step's batch
             calls["weights_before"] = head.detach().clone()
-            chosen, rejected = real_batch_rewards(model, rm, batch)
-            return chosen * float("nan"), rejected
+            rewards = real_batch_rewards(model, rm, batch)
+            return rewards * torch.tensor([float("nan"), 1.0]).repeat(len(rewards) // 2)  # every chosen reward
         if calls["n"] == 4:
             calls["weights_after"] = head.detach().clone()
         return real_batch_rewards(model, rm, batch)

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rmtrain.data import tokenize_pairs
-from rmtrain.model import load_saved, sequence_rewards
+from rmtrain.model import sequence_rewards
+from rmtrain.saved import load_saved
 from tests.conftest import FULL, ROOT, read_jsonl, rmtrain_cli, write_recipe
 
 pytestmark = pytest.mark.shared_data
@@ -45,7 +46,7 @@ def rmtrain_rewards(model_dir: Path, rows: list[dict]) -> tuple[list[float], lis
     """Rewards as rmtrain computes them, and the texts (with the EOS rmtrain appends) for plain transformers."""
     rm, max_length = load_saved(model_dir)
     pairs, _ = tokenize_pairs(rows, "check", rm.tokenizer, rm.fmt, 100_000, "filter")
-    seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    seqs = [p.sequence(0) for p in pairs] + [p.sequence(1) for p in pairs]
     rewards = []
     with torch.no_grad():
         for seq in seqs:
@@ -74,13 +75,15 @@ def metrics(out: Path, split: str) -> list[dict]:
 
 def test_tiny_qwen3_fit_save_and_plain_transformers_reload(tmp_path, tiny_qwen3, shared_data):
     out = tmp_path / "run"
-    result = fit(tmp_path, base_recipe({"name_or_path": tiny_qwen3}, shared_data, out))
+    # With centering, `loss` stays the Bradley-Terry loss everywhere and `objective` adds the term.
+    result = fit(tmp_path, base_recipe({"name_or_path": tiny_qwen3}, shared_data, out, train={"center_rewards_coefficient": 0.05}))
     assert "rmtrain fit: 1 process(es)" in result.stderr
     assert "pairs read" in result.stderr and "tokens/sequence p50" in result.stderr
     train = metrics(out, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward", "learning_rate", "pairs_per_s", "tokens_per_s"):
+    for key in ("loss", "objective", "accuracy", "margin", "mean_reward", "min_reward", "max_reward", "learning_rate", "pairs_per_s", "tokens_per_s"):
         assert key in train[0]
+    assert all(r["objective"] > r["loss"] for r in train)
     kept = re.search(r"eval \(.*?\): 32 pairs read, (\d+) kept", " ".join(result.stderr.split()))
     assert kept, result.stderr
     assert metrics(out, "eval")[-1]["num_pairs"] == int(kept.group(1))  # every kept pair counted once
@@ -103,7 +106,8 @@ def test_tiny_qwen3_fit_save_and_plain_transformers_reload(tmp_path, tiny_qwen3,
     final = info["final_eval"]
     assert evaluated["num_pairs"] == final["num_pairs"]
     assert abs(evaluated["accuracy"] - final["accuracy"]) < 1e-9
-    assert abs(evaluated["loss"] - final["loss"]) < 1e-4
+    assert abs(evaluated["loss"] - final["loss"]) < 1e-5
+    assert final["objective"] > final["loss"]
 
 
 def test_minilm_fit_save_and_plain_transformers_reload(tmp_path, minilm, shared_data):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from rmtrain.loss import bradley_terry_loss, last_token_index, pair_stats, reward_loss
+from rmtrain.loss import bradley_terry_loss, last_token_index, objective, pair_stats
 
 
 def nll(x):
@@ -29,10 +29,15 @@ def test_margin_is_subtracted():
 
 def test_centering_term_matches_trl():
     chosen, rejected = torch.tensor([1.0, -3.0]), torch.tensor([2.0, 1.0])
-    got = reward_loss(chosen, rejected, center_rewards_coefficient=0.01).mean()
+    got = objective(bradley_terry_loss(chosen, rejected), chosen, rejected, center_rewards_coefficient=0.01).mean()
     want = (nll(-1.0) + nll(-4.0)) / 2 + 0.01 * ((1 + 2) ** 2 + (-3 + 1) ** 2) / 2
     assert abs(got.item() - want) < 1e-6
-    assert torch.equal(reward_loss(chosen, rejected, center_rewards_coefficient=None), bradley_terry_loss(chosen, rejected))
+    loss = bradley_terry_loss(chosen, rejected)
+    assert torch.equal(objective(loss, chosen, rejected, center_rewards_coefficient=None), loss)
+    # `loss` in the metrics is the Bradley-Terry loss; `objective` adds the centering term, only when it is set.
+    stats = pair_stats(chosen, rejected, loss, center_rewards_coefficient=0.01)
+    assert abs(stats["loss"] - (nll(-1.0) + nll(-4.0)) / 2) < 1e-6 and abs(stats["objective"] - want) < 1e-6
+    assert "objective" not in pair_stats(chosen, rejected, loss)
 
 
 def test_loss_is_large_for_confidently_wrong_pairs_without_overflow():

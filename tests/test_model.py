@@ -8,14 +8,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rmtrain.config import LoraConfig, ModelConfig
-from rmtrain.model import (
-    ModelError,
-    activation_bytes_per_token,
-    auto_tokens_per_forward,
-    choose_pad_token,
-    load_reward_model,
-    sequence_rewards,
-)
+from rmtrain.budget import activation_bytes_per_token, auto_tokens_per_forward
+from rmtrain.errors import ModelError
+from rmtrain.model import load_reward_model, sequence_rewards
+from rmtrain.tokenizer import choose_pad_token
 
 
 def pad(seqs, pad_id, side):
@@ -91,7 +87,7 @@ def test_lora_trains_adapters_and_the_score_head(tiny_qwen3):
 
 def test_chat_template_path_takes_a_jinja_file_or_a_tokenizer_folder(tiny_qwen3, minilm, tmp_path):
     """The positive side of the chat_template_path cases in tests/test_errors.py: a real template passes the check."""
-    from rmtrain.model import load_tokenizer
+    from rmtrain.tokenizer import load_tokenizer
 
     template_file = Path(tiny_qwen3) / "chat_template.jinja"
     from_file = load_tokenizer(ModelConfig(name_or_path=minilm, chat_template_path=str(template_file)), is_encoder=True)

@@ -10,8 +10,9 @@ import torch
 from rmtrain.config import load_recipe
 from rmtrain.data import tokenize_pairs
 from rmtrain.evaluate import run_eval
-from rmtrain.export import ExportError, export_model, pair_rewards
-from rmtrain.model import ModelError, load_saved
+from rmtrain.errors import ExportError, ModelError
+from rmtrain.export import export_model, pair_rewards
+from rmtrain.saved import load_saved
 from rmtrain.score import run_score
 from rmtrain.train import fit
 from tests.conftest import FULL, read_jsonl, rmtrain_cli, write_recipe
@@ -21,12 +22,12 @@ pytestmark = pytest.mark.shared_data
 HH = "hh_harmless_test.jsonl"
 
 
-def fit_run(folder: Path, model: dict, shared_data: Path, lora: dict | None = None, **train) -> Path:
+def fit_run(folder: Path, model: dict, shared_data: Path, lora: dict | None = None, with_eval: bool = True, **train) -> Path:
     hh = str(shared_data / HH)
     out = folder / "run"
     tree = {
         "model": model,
-        "data": {"train": {"path": hh, "limit": 16}, "eval": {"path": hh, "skip": 2300}, "max_length": 256},
+        "data": {"train": {"path": hh, "limit": 16}, "max_length": 256} | ({"eval": {"path": hh, "skip": 2300}} if with_eval else {}),
         "train": {"output_dir": str(out), "per_device_batch_size": 4, "max_steps": 2, "learning_rate": 1e-3,
                   "gradient_checkpointing": False, **train},
     }
@@ -83,7 +84,7 @@ def test_score_gives_the_rewards_eval_computes(run_name, request, tmp_path, shar
     # Exactly the pairs eval kept (max_length 256, filter), each side as one text row.
     rm, max_length = load_saved(run)
     pairs, _ = tokenize_pairs(rows, "pairs", rm.tokenizer, rm.fmt, max_length, "filter")
-    kept = [rows[p["row"]] for p in pairs]
+    kept = [rows[p.row] for p in pairs]
     texts = [{"text": r["chosen"]} for r in kept] + [{"text": r["rejected"]} for r in kept]
     texts_file = write_jsonl(tmp_path / "texts.jsonl", texts)
     if run_name == "qwen_run":  # the command, streaming to stdout
@@ -126,7 +127,7 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     assert max(abs(a - b) for a, b in zip(score_file(qwen_run, rows, tmp_path, "uf"), ours)) < 1e-5
     # Longer than --max-length: the start is cut, as eval's `--truncation truncate` cuts it.
     cut_pairs, _ = tokenize_pairs(uf, "uf", rm.tokenizer, rm.fmt, 24, "truncate")
-    assert [p["row"] for p in cut_pairs] == list(range(len(uf)))
+    assert [p.row for p in cut_pairs] == list(range(len(uf)))
     out = tmp_path / "cut.jsonl"
     run_score(str(qwen_run), str(write_jsonl(tmp_path / "cut_in.jsonl", rows[: len(uf)])), str(out), max_length=24, in_order=True)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -161,8 +162,8 @@ def test_export_replaces_a_pad_token_equal_to_eos(tiny_qwen3):
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from rmtrain.data import TokenFormat
     from rmtrain.export import make_pad_safe
+    from rmtrain.tokenizer import TokenFormat
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
     tokenizer.pad_token = tokenizer.eos_token
@@ -231,13 +232,19 @@ def test_export_normalized_encoder_gives_mean_zero_std_one(minilm_run, tmp_path,
     assert (exported - (run_scores - stats["mean"]) / stats["std"]).abs().max().item() < 1e-5
 
 
-def test_export_lora_needs_merge_and_round_trips(tmp_path, tiny_qwen3, shared_data):
-    run = fit_run(tmp_path, {"name_or_path": tiny_qwen3}, shared_data, lora={"r": 4, "alpha": 8})
+def test_export_lora_needs_merge_and_round_trips_without_an_eval_set(tmp_path, tiny_qwen3, shared_data, capsys):
+    """A LoRA run trained without an eval set: export checks on (and takes statistics from) its training pairs."""
+    run = fit_run(tmp_path, {"name_or_path": tiny_qwen3}, shared_data, lora={"r": 4, "alpha": 8}, with_eval=False)
     assert (run / "adapter_config.json").is_file()
     with pytest.raises(ModelError, match="is a LoRA adapter; pass --merge"):
         export_model(str(run), str(tmp_path / "plain"), merge=False)
     out = tmp_path / "merged"
+    capsys.readouterr()
     assert export_model(str(run), str(out), merge=True)["check_max_abs_diff"] < 1e-4
+    train_pairs = json.loads((run / "run_info.json").read_text())["train_pairs"]
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert stats["num_rewards"] == 2 * train_pairs and "first" in stats["pairs_from"]
+    assert f"the run has no eval set: the first {train_pairs} pairs of its training data" in " ".join(capsys.readouterr().err.split())
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
     texts = [{"text": r["chosen"][:600]} for r in eval_rows(shared_data)[:6]]
     assert max(abs(a - b) for a, b in zip(score_file(out, texts, tmp_path, "exp"), score_file(run, texts, tmp_path, "run"))) < 1e-4

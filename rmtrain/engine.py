@@ -1,0 +1,91 @@
+"""The Accelerator of a run: precision, the engine a launch config asked for, and collectives of plain numbers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from rmtrain.config import TrainConfig
+from rmtrain.errors import ResourceError
+from rmtrain.log import RunLog
+
+
+def make_accelerator(t: TrainConfig):
+    """(accelerator, bf16) for a training run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    bf16 = choose_bf16(t.bf16)
+    accelerator = Accelerator(
+        # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
+        # them one gloo group (MULTI_CPU) instead of N independent runs writing the same folder.
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision="bf16" if bf16 else "no",
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    return accelerator, bf16
+
+
+def inference_accelerator():
+    """The Accelerator of eval, score and export: the accelerator if there is one, else the CPU."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.accelerator.is_available())
+
+
+def choose_bf16(requested: bool | None) -> bool:
+    """null: bf16 where the device supports it (CUDA); true on a device without bf16 is an error, not a
+    silent fallback, so a run never trains in a precision other than the one asked for."""
+    from accelerate.utils import is_bf16_available
+
+    if requested is None:
+        return torch.cuda.is_available() and is_bf16_available()
+    if requested and not is_bf16_available():
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
+        raise ResourceError(
+            f"train.bf16: true, but {device} does not support bf16; set train.bf16: false (fp32), "
+            "or null to use bf16 only where it is supported"
+        )
+    return requested
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: parameters (or their optimizer state) live in shards across processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def check_engine(accelerator, t: TrainConfig, log: RunLog) -> None:
+    """Say when an FSDP/DeepSpeed launch config did not take; fill DeepSpeed's "auto" values from the recipe."""
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "").lower() == "true"]
+    if requested and not is_sharded(accelerator):
+        # Accelerate enables FSDP and DeepSpeed only on GPUs (and other accelerators), never for CPU processes.
+        log.warn(f"{requested[0]} config ignored: no GPU, so Accelerate runs plain data parallel ({accelerator.distributed_type.value})")
+    if is_deepspeed(accelerator):
+        fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, t)
+
+
+def fill_deepspeed_auto(config: dict[str, Any], t: TrainConfig) -> None:
+    """DeepSpeed clips gradients itself and needs a micro-batch size, which length-grouped loaders do not
+    expose (`batch_size` None): take both from the recipe where the DeepSpeed config says "auto"."""
+    for key, value in (("train_micro_batch_size_per_gpu", t.per_device_batch_size), ("gradient_clipping", t.max_grad_norm or 0.0)):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+
+
+def sum_over_processes(accelerator, value: int) -> int:
+    """`value` summed over all processes (no collective with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), "sum")[0])

@@ -1,0 +1,232 @@
+"""The run folder: refusing to clobber it, checkpoints and resuming from them, and the final save.
+
+Nothing is ever half-written: checkpoints and the final model are written under a temporary name and
+renamed into place, and a write that fails (a full disk) removes its partial folder and names the newest
+complete checkpoint, which was never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rmtrain.config import Recipe
+from rmtrain.embedding import restore_full_embedding
+from rmtrain.engine import is_sharded
+from rmtrain.errors import ResourceError, RunDirError, first_line
+from rmtrain.log import RunLog, truncate_metrics_file
+from rmtrain.saved import load_saved, merged_copy, save_model_folder
+
+RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
+STATE_FILE = "training_state.json"
+RUN_INFO_FILE = "run_info.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint records beside the model, optimizer, schedule and RNG."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    skipped_steps: int = 0
+    seen_embedding_rows: int | None = None
+    """How many embedding rows train (`train.embedding_rows: seen`), None for all: a resume must match."""
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "TrainState":
+        saved = json.loads((checkpoint / STATE_FILE).read_text())
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool, log: RunLog) -> Path | None:
+    """Refuse to clobber anything; return the checkpoint to resume from (or None). Changes nothing on disk."""
+    is_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"train.output_dir: {out} exists and is not a folder")
+    if is_run and not (resume or overwrite):
+        raise RunDirError(
+            f"train.output_dir: {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if out.is_dir() and not is_run and any(out.iterdir()):
+        raise RunDirError(f"train.output_dir: {out} is not empty and holds no rmtrain run; choose another folder")
+    existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    try:  # a real write: os.access says yes to root even where nothing can be created
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise RunDirError(
+            f"train.output_dir: {out} is not writable ({error.strerror} in {existing}); choose a folder you can write to"
+        ) from None
+    if not resume:
+        return None
+    checkpoint = latest_checkpoint(out, log)
+    if checkpoint is None:
+        held = "holds no run" if not is_run else f"holds no complete checkpoint in {out / 'checkpoints'}"
+        raise RunDirError(
+            f"train.output_dir: --resume, but {out} {held} to resume from; run without --resume to start "
+            "(or with --overwrite to replace what is there)"
+        )
+    return checkpoint
+
+
+def claim_output_dir(out: Path, overwrite: bool, resuming: bool) -> None:
+    """Main process, once model and data have loaded: only now is an old run replaced (--overwrite)."""
+    if overwrite and not resuming and out.is_dir():
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"train.output_dir: {out} is not writable ({error.strerror})") from None
+
+
+def write_run_info(out: Path, info: dict[str, Any]) -> None:
+    (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints whose state file was written, oldest first (one is only renamed into place when complete)."""
+    root = out / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if root.is_dir() else []
+    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(out: Path, log: RunLog | None = None) -> Path | None:
+    """Newest complete checkpoint; anything half-written (a crash while saving) is named and passed over."""
+    complete = complete_checkpoints(out)
+    newest = complete[-1] if complete else None
+    root = out / "checkpoints"
+    if log is not None and root.is_dir():
+        for path in sorted(root.iterdir()):
+            if path not in complete and path.is_dir():
+                log.info(f"--resume: ignoring {path}: incomplete (a save that did not finish)")
+    return newest
+
+
+def save_checkpoint(accelerator, out: Path, state: TrainState, limit: int | None) -> Path:
+    """Model/adapter, optimizer, scheduler, RNG and `state`, written under a temporary name and renamed."""
+    root = out / "checkpoints"
+    final = root / f"checkpoint-{state.step}"
+    tmp = root / f".checkpoint-{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
+    except Exception as error:
+        raise_if_write_failed(error, f"checkpoint-{state.step}", tmp, out)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if limit:
+            for old in complete_checkpoints(out)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, out: Path, checkpoint: Path, seen_embedding_rows: int | None, embedding_rows: str) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG from `checkpoint`, after checking it fits this run."""
+    state = TrainState.read(checkpoint)
+    if state.seen_embedding_rows != seen_embedding_rows:
+        raise RunDirError(
+            f"{checkpoint}: trained {state.seen_embedding_rows or 'all'} embedding rows, this run's training data "
+            f"gives {seen_embedding_rows or 'all'} (train.embedding_rows: {embedding_rows}); resume with the data and "
+            "settings the run started with"
+        )
+    accelerator.load_state(str(checkpoint))
+    if accelerator.is_main_process:
+        truncate_metrics_file(out / "metrics.jsonl", state.step)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# The final model
+
+
+def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
+    """The final model (or adapter with its head) in `out`, plus `out/merged` when lora.merge is set.
+
+    Files are written to a temporary folder first, then moved into place one by one.
+    """
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if recipe.lora is None:
+        restore_full_embedding(unwrapped)  # the trained rows back into one plain table
+    # FSDP and DeepSpeed hold shards: gather full weights (a collective, every rank). PEFT's save_pretrained
+    # keeps the adapter and head entries of a full state dict, so LoRA takes the same path.
+    sharded = is_sharded(accelerator)
+    state_dict = accelerator.get_state_dict(model) if recipe.lora is None or sharded else None
+    if not accelerator.is_main_process:
+        return
+    max_length = recipe.data.max_length
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp)
+        shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
+    except Exception as error:
+        raise_if_write_failed(error, "the final model", tmp, out)
+        raise
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+    if recipe.lora is not None and recipe.lora.merge:
+        merged_tmp = out / ".merged.tmp"
+        shutil.rmtree(merged_tmp, ignore_errors=True)
+        # Sharded parameters cannot be merged in place: merge the adapter just written, from disk.
+        try:
+            merged = load_saved(out)[0].model.merge_and_unload() if sharded else merged_copy(unwrapped)
+            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
+        except Exception as error:
+            raise_if_write_failed(error, "the merged model", merged_tmp, out)
+            raise
+        shutil.rmtree(out / "merged", ignore_errors=True)
+        os.replace(merged_tmp, out / "merged")
+
+
+# Write failures as torch.save (RuntimeError), safetensors (SafetensorError) and plain Python (OSError) report them.
+WRITE_FAILURES = ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded", "file write failed")
+
+
+def raise_if_write_failed(error: BaseException, what: str, tmp: Path, out: Path) -> None:
+    """A save that failed for lack of space (or any OS write error) becomes one clear line; the partial
+    folder is removed, and the newest complete checkpoint, which was never touched, is named."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    elif any(pattern in str(error) for pattern in WRITE_FAILURES):
+        reason, full = first_line(error), True
+    else:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(out)
+    fix = "free space" if full else "fix the folder"
+    kept = (
+        f"the newest complete checkpoint {previous} is intact: {fix} and run again with --resume"
+        if previous is not None
+        else f"no checkpoint was written before it: {fix} and run again"
+    )
+    raise ResourceError(f"train.output_dir: could not write {what} in {out} ({reason}); {kept}") from None

@@ -1,0 +1,107 @@
+"""The saved-folder contract: what a finished run or an export holds, writing it, and loading it back to score.
+
+A folder is a full model (`config.json` + weights) or a LoRA adapter with its trained head
+(`adapter_config.json`), plus the tokenizer and `rmtrain_format.json` (how text became ids). Plain
+transformers loads a full folder as it is; rmtrain loads both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rmtrain.errors import ModelError, first_line
+from rmtrain.model import RewardModel, clear_gguf_quantization, find_head_name, head_module, is_encoder_config
+from rmtrain.tokenizer import TokenFormat, read_format, save_format
+
+
+def folder_kind(path: Path, what: str = "model folder") -> str:
+    """"model" or "adapter"; anything else is a one-line error naming the folder and what it holds instead."""
+    if not path.is_dir():
+        why = f"no such {what}" if not path.exists() else f"is a file, not a {what}"
+        raise ModelError(f"{path}: {why}; give a finished run or a model folder")
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "model"
+    if (path / "checkpoints").is_dir() or (path / "recipe.yaml").is_file():
+        why = "a run that has not finished (no final model yet); let it finish, or resume it with rmtrain fit --resume"
+    elif (path / "training_state.json").is_file():
+        why = "a training checkpoint (for --resume), not a model; use the run's folder once it has finished"
+    else:
+        why = "neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); give a finished run or a model folder"
+    raise ModelError(f"{path}: {why}")
+
+
+def save_model_folder(
+    model: nn.Module, state_dict: dict | None, tokenizer, fmt: TokenFormat, max_length: int, directory: str | Path, **extra
+) -> None:
+    """Write the model (or adapter + head), tokenizer and text format into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    save_format(directory, fmt, max_length, **extra)
+
+
+def load_saved(path: str | Path, dtype: torch.dtype | None = None) -> tuple[RewardModel, int | None]:
+    """A model folder (full or LoRA adapter) written by rmtrain or plain transformers, ready to score.
+
+    Returns the model and the max_length it was trained with (None if unknown).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    kind = folder_kind(path)
+    saved_format = read_format(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as error:  # transformers raises many types; what matters is that there is no tokenizer
+        raise ModelError(f"{path}: holds a model but no tokenizer transformers can load ({first_line(error)})") from None
+    if kind == "adapter":
+        model = _load_adapter(path, dtype)
+        config = model.get_base_model().config
+    else:
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    is_encoder = saved_format.get("is_encoder", is_encoder_config(config))
+    if tokenizer.pad_token is None:
+        raise ModelError(f"{path}: the tokenizer has no pad token")
+    fmt = TokenFormat(
+        append_eos=saved_format.get("append_eos", None if is_encoder else tokenizer.eos_token),
+        pad_token_id=tokenizer.pad_token_id,
+        is_encoder=is_encoder,
+    )
+    model.eval()
+    head_name = find_head_name(model.get_base_model() if hasattr(model, "get_base_model") else model, is_encoder)
+    return RewardModel(model, tokenizer, fmt, head_module(model, head_name), head_name), saved_format.get("max_length")
+
+
+def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
+    """Rebuild the base exactly as the run loaded it (recipe.yaml of the run, e.g. a gguf file), then the adapter."""
+    import peft
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmtrain.config import load_recipe
+
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file():
+        mc = load_recipe(recipe_file).model
+        base = AutoModelForSequenceClassification.from_pretrained(
+            mc.name_or_path, num_labels=1, **mc.from_pretrained_kwargs() | ({"dtype": dtype} if dtype else {})
+        )
+        clear_gguf_quantization(base)
+    else:
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"], num_labels=1, dtype=dtype)
+    base.config.pad_token_id = AutoTokenizer.from_pretrained(str(path)).pad_token_id
+    return peft.PeftModel.from_pretrained(base, str(path))
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain transformers model with LoRA weights folded in (the input is left untouched)."""
+    return copy.deepcopy(model).merge_and_unload()

@@ -1,0 +1,105 @@
+"""Rewards of tokenized groups without gradients: the one inference path of fit's eval, `rmtrain eval`,
+`rmtrain score` and export's statistics (same batches, same token budget), gathered across processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from rmtrain.batching import inference_loader
+from rmtrain.data import Group
+from rmtrain.loss import bradley_terry_loss, pair_stats
+from rmtrain.model import RewardModel, batch_rewards
+
+
+def gather_per_item(accelerator, *values: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-item values of every process, as (key, *values); batches may differ in size across processes.
+
+    Rows padded in for the gather are dropped. An item that accelerate repeats to even out the last
+    batches still appears twice: callers drop repeated keys (see `first_occurrences`).
+    """
+    if accelerator.num_processes == 1:
+        return (key, *values)
+    stacked = torch.stack([key.to(values[0].dtype), *values], dim=1)  # [items, 1 + k]
+    padded = accelerator.pad_across_processes(stacked, dim=0, pad_index=-1)
+    count = accelerator.gather(torch.tensor([stacked.shape[0]], device=stacked.device))
+    gathered = accelerator.gather(padded)
+    width = padded.shape[0]
+    keep = torch.cat([torch.arange(i * width, i * width + int(n), device=gathered.device) for i, n in enumerate(count)])
+    gathered = gathered[keep]
+    return (gathered[:, 0].long(), *gathered[:, 1:].unbind(dim=1))
+
+
+def first_occurrences(keys: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """Boolean mask of keys not in `seen` (their first time), updating `seen`."""
+    keep = []
+    for k in keys.tolist():
+        keep.append(k not in seen)
+        seen.add(k)
+    return torch.tensor(keep, dtype=torch.bool)
+
+
+@dataclass
+class InferenceSet:
+    """Groups and their prepared inference loader (built once: Accelerate checkpoints every loader it prepared)."""
+
+    groups: list[Group]
+    loader: Any
+    sequences: int
+
+
+def inference_set(
+    accelerator, groups: list[Group], layout: str, mask_format: str, pad_token_id: int, max_sequences: int, max_tokens: int | None
+) -> InferenceSet:
+    loader, sequences = inference_loader(groups, layout, pad_token_id, mask_format, max_sequences, max_tokens)
+    return InferenceSet(groups, accelerator.prepare(loader), sequences)
+
+
+@torch.inference_mode()
+def iter_rewards(accelerator, model, rm: RewardModel, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, rewards) of each batch's sequences on the CPU, gathered across processes, each sequence once."""
+    was_training = model.training
+    model.eval()
+    seen: set[int] = set()
+    try:
+        for batch in loader:
+            keys, rewards = gather_per_item(accelerator, batch_rewards(model, rm, batch), key=batch["key"])
+            keys, rewards = keys.cpu(), rewards.cpu()
+            keep = first_occurrences(keys, seen)
+            yield keys[keep], rewards[keep]
+    finally:
+        model.train(was_training)
+
+
+def group_rewards(accelerator, model, rm: RewardModel, scored: InferenceSet) -> list[torch.Tensor]:
+    """Each group's completion rewards (float32, CPU), in the order of `scored.groups`."""
+    flat = torch.full((scored.sequences,), float("nan"))
+    for keys, rewards in iter_rewards(accelerator, model, rm, scored.loader):
+        flat[keys] = rewards
+    sizes = [len(g.completions) for g in scored.groups]
+    return list(flat.split(sizes)) if sizes else []
+
+
+def pair_values(groups: list[Group], rewards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per pair: source row, chosen and rejected rewards, and the Bradley-Terry loss (margins included)."""
+    rows, chosen, rejected, margins = [], [], [], []
+    for g, r in zip(groups, rewards):
+        for p, (better, worse) in enumerate(g.pairs):
+            rows.append(g.row)
+            chosen.append(r[better])
+            rejected.append(r[worse])
+            margins.append(g.margins[p] if g.margins is not None else 0.0)
+    chosen_t, rejected_t = torch.stack(chosen), torch.stack(rejected)
+    loss = bradley_terry_loss(chosen_t, rejected_t, torch.tensor(margins, dtype=torch.float32))
+    return {"row": torch.tensor(rows, dtype=torch.long), "chosen": chosen_t, "rejected": rejected_t, "loss": loss}
+
+
+def evaluate_pairs(
+    accelerator, model, rm: RewardModel, scored: InferenceSet, center_rewards_coefficient: float | None = None
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics over every pair of `scored`, and the per-pair values they come from."""
+    per_pair = pair_values(scored.groups, group_rewards(accelerator, model, rm, scored))
+    stats = pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"], center_rewards_coefficient)
+    return stats, per_pair
