@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rmtrain import attention
 from rmtrain.data import Group
 
 Shape = tuple[int, int]
@@ -63,17 +64,50 @@ def computed_tokens(shapes: list[Shape], layout: str) -> int:
 # Collating
 
 
-def _pairs(groups: list[Group], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each pair's (better, worse) indices into the batch's rewards, its margin and its source row."""
-    index, rows, margins, start = [], [], [], 0
-    for g in groups:
+PAIR_KEY = 1 << 32
+"""A pair's key is row * PAIR_KEY + its index in the row: unique across pairs and lists."""
+
+
+def targets(groups: list[Group]) -> dict[str, Any]:
+    """What the loss needs of a batch besides its rewards (which come group by group, completion by completion):
+
+    pair_index [pairs, 2] (better, worse) into the rewards; row and key of each pair; margin (the data's
+    margin column, pair files), score_margin (score differences, lists); pair_weight (1 / pairs of its row),
+    in_list (the pair's row has 3 or more completions); per sequence: its score, its group, in_list; and
+    num_pairs, num_groups (rows with a pair), num_completions.
+    """
+    index, rows, keys, margins, score_margins, weights, pair_in_list = [], [], [], [], [], [], []
+    scores, sequence_group, sequence_in_list = [], [], []
+    start = 0
+    for number, g in enumerate(groups):
+        k = len(g.completions)
         index.extend((start + better, start + worse) for better, worse in g.pairs)
         rows.extend([g.row] * len(g.pairs))
-        margins.extend(g.margins or [])
-        start += len(g.completions)
-    batch["pair_index"] = torch.tensor(index, dtype=torch.long).reshape(-1, 2)
-    batch["row"] = torch.tensor(rows, dtype=torch.long)
-    if groups and groups[0].margins is not None:
+        keys.extend(g.row * PAIR_KEY + p for p in range(len(g.pairs)))
+        margins.extend(g.margins or [0.0] * len(g.pairs))
+        own = g.scores if g.scores is not None else [float(k - i) for i in range(k)]  # a pair: chosen above rejected
+        score_margins.extend(own[better] - own[worse] for better, worse in g.pairs)
+        weights.extend([1.0 / max(len(g.pairs), 1)] * len(g.pairs))
+        pair_in_list.extend([k > 2] * len(g.pairs))
+        scores.extend(own)
+        sequence_group.extend([number] * k)
+        sequence_in_list.extend([k > 2] * k)
+        start += k
+    batch: dict[str, Any] = {
+        "pair_index": torch.tensor(index, dtype=torch.long).reshape(-1, 2),
+        "row": torch.tensor(rows, dtype=torch.long),
+        "pair_key": torch.tensor(keys, dtype=torch.long),
+        "score_margin": torch.tensor(score_margins, dtype=torch.float32),
+        "pair_weight": torch.tensor(weights, dtype=torch.float32),
+        "pair_in_list": torch.tensor(pair_in_list, dtype=torch.bool),
+        "sequence_score": torch.tensor(scores, dtype=torch.float32),
+        "sequence_group": torch.tensor(sequence_group, dtype=torch.long),
+        "sequence_in_list": torch.tensor(sequence_in_list, dtype=torch.bool),
+        "num_pairs": len(index),
+        "num_groups": sum(1 for g in groups if g.pairs),
+        "num_completions": start,
+    }
+    if any(g.margins is not None for g in groups):
         batch["margin"] = torch.tensor(margins, dtype=torch.float32)
     return batch
 
@@ -93,7 +127,7 @@ def collate_plain(groups: list[Group], pad_token_id: int) -> dict[str, torch.Ten
         "reward_index": torch.tensor([i * width + len(s) - 1 for i, s in enumerate(sequences)], dtype=torch.long),
         "real_tokens": torch.tensor(sum(len(s) for s in sequences)),
     }
-    return _pairs(groups, batch)
+    return batch | targets(groups)
 
 
 def collate_packed(groups: list[Group], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -113,51 +147,55 @@ def collate_packed(groups: list[Group], pad_token_id: int) -> dict[str, torch.Te
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(len(ids)),
     }
-    return _pairs(groups, batch)
+    return batch | targets(groups)
 
 
 def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: str = "bool") -> dict[str, torch.Tensor]:
     """One row per group: prefix + c_1 + ... + c_K, each completion blind to the others, positions continued.
 
-    mask_format: "bool" (True = may attend; SDPA) or "float" (0 / dtype-min additive; eager attention).
+    mask_format: "segments" (rmtrain.attention: each sequence attended on its own, no mask), "bool" (a 4D
+    mask, True = may attend; SDPA) or "float" (0 / dtype-min additive; eager attention).
     """
     width = max(group_shape(g, "shared_prefix")[0] for g in groups)
     size = len(groups)
     input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((size, width), dtype=torch.long)
-    allowed = torch.zeros((size, 1, width, width), dtype=torch.bool)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = torch.zeros((size, 1, width, width) if mask_format != "segments" else (size, 1, 1, 1), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril() if mask_format != "segments" else None
     ends = []
     real = 0
     for row, g in enumerate(groups):
         n = len(g.prefix)
         total = n + sum(len(c) for c in g.completions)
         input_ids[row, :total] = torch.tensor(g.prefix + [t for c in g.completions for t in c], dtype=torch.long)
-        block = causal[:total, :total].clone()
+        block = causal[:total, :total].clone() if mask_format != "segments" else None
         start = n
         for c in g.completions:
             end = start + len(c)
             position_ids[row, start:end] = torch.arange(n, n + len(c))
-            block[start:end, n:start] = False  # blind to the completions before it (causality hides the later ones)
+            if block is not None:
+                block[start:end, n:start] = False  # blind to the completions before it (causality hides the later ones)
             ends.append(row * width + end - 1)
             real += n + len(c)
             start = end
         position_ids[row, :n] = torch.arange(n)
-        allowed[row, 0, :total, :total] = block
-        # Padding rows attend to themselves only, so no softmax runs over an empty row.
-        allowed[row, 0, range(total, width), range(total, width)] = True
-    if mask_format == "float":
-        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    else:
-        mask = allowed
+        if mask_format != "segments":
+            allowed[row, 0, :total, :total] = block
+            # Padding rows attend to themselves only, so no softmax runs over an empty row.
+            allowed[row, 0, range(total, width), range(total, width)] = True
     batch = {
         "input_ids": input_ids,
         "position_ids": position_ids,
-        "attention_mask": mask,
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(real),
     }
-    return _pairs(groups, batch)
+    if mask_format == "segments":
+        batch["segments"] = attention.segments(groups, width)
+    elif mask_format == "float":
+        batch["attention_mask"] = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    else:
+        batch["attention_mask"] = allowed
+    return batch | targets(groups)
 
 
 def collate_for(layout: str, pad_token_id: int, mask_format: str):
@@ -167,21 +205,30 @@ def collate_for(layout: str, pad_token_id: int, mask_format: str):
     return partial(collate_packed if layout == "packed" else collate_plain, pad_token_id=pad_token_id)
 
 
-def choose_layout(rm, share_prefix: bool, padding_free: bool) -> tuple[str, str, str | None]:
-    """(layout, 4D mask format, a note to print when a request could not be honoured)."""
+def choose_layout(rm, share_prefix: bool, padding_free: bool, prefix_attention: str = "segments") -> tuple[str, str, str | None]:
+    """(layout, mask format, a note to print when a request could not be honoured).
+
+    The shared prefix of a decoder is computed by segment attention (rmtrain.attention) when it is asked for
+    and gives the 4D mask's rewards on this model, else with the 4D mask (sdpa or eager attention), else not
+    at all (other attention implementations take no custom masks).
+    """
     if rm.fmt.is_encoder:
         # Bidirectional attention: a shared prefix would see every answer; BERT-like models have no
         # packed-sequence masks in transformers. Length grouping still removes most padding.
         note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
         return "plain", "bool", note
+    attention.disable(rm)  # a model this process switched before starts from its own attention again
+    if not share_prefix:
+        return ("packed" if padding_free else "plain"), "bool", None
+    if prefix_attention == "segments" and attention.enable(rm):
+        return "shared_prefix", "segments", None
     base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
     attn = getattr(base.config, "_attn_implementation", "eager")
-    if share_prefix:
-        if attn in ("sdpa", "eager"):
-            return "shared_prefix", "bool" if attn == "sdpa" else "float", None
-        fallback = "packed" if padding_free else "plain"
-        return fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches"
-    return ("packed" if padding_free else "plain"), "bool", None
+    if attn in ("sdpa", "eager"):
+        note = "shared prefix: segment attention did not give the 4D mask's rewards on this model, using the mask" if prefix_attention == "segments" else None
+        return "shared_prefix", "bool" if attn == "sdpa" else "float", note
+    fallback = "packed" if padding_free else "plain"
+    return fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,9 +256,32 @@ def split_by_tokens(groups: list[Group], layout: str, max_tokens: int | None) ->
     return chunks
 
 
-def collate_passes(groups: list[Group], collate, layout: str, max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
-    """One training batch as a list of passes, each run through its own forward and backward."""
-    return [collate(chunk) for chunk in split_by_tokens(groups, layout, max_tokens)]
+def completion_chunks(group: Group, layout: str, max_tokens: int) -> list[list[int]]:
+    """A row's completion indices in consecutive chunks, each with the prefix within `max_tokens` (at least one
+    completion per chunk)."""
+    chunks: list[list[int]] = [[]]
+    for i in range(len(group.completions)):
+        if chunks[-1] and group_cost(group.chunk(chunks[-1] + [i]), layout) > max_tokens:
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
+
+
+def collate_passes(groups: list[Group], collate, layout: str, max_tokens: int | None) -> list[dict[str, Any]]:
+    """One training batch as a list of passes, each run through its own forward and backward.
+
+    A list (3 or more completions) longer than the budget on its own becomes one pass of `chunks`: collated
+    chunks of its completions, each with the prompt, and the whole list's targets (`train.backward_in_chunks`).
+    """
+    passes = []
+    for part in split_by_tokens(groups, layout, max_tokens):
+        group = part[0]
+        if max_tokens and len(part) == 1 and len(group.completions) > 2 and group_cost(group, layout) > max_tokens:
+            chunks = [collate([group.chunk(indices)]) for indices in completion_chunks(group, layout, max_tokens)]
+            passes.append({"chunks": chunks} | targets([group]))
+        else:
+            passes.append(collate(part))
+    return passes
 
 
 class LengthGroupedBatchSampler:
@@ -386,17 +456,19 @@ def sorted_batches(
     return batches
 
 
-def inference_items(groups: list[Group], layout: str) -> list[tuple[int, Group]]:
+def inference_items(groups: list[Group], layout: str, max_tokens: int | None = None) -> list[tuple[int, Group]]:
     """What inference batches are made of, each with the key of its first sequence (sequences are numbered
-    group by group): whole groups, one row each, in the shared-prefix layout; otherwise single sequences,
-    which need not share a batch with their group's others (a group-sorted batch would pad each sequence to
-    its partner's length)."""
+    group by group): whole groups, one row each, in the shared-prefix layout (a row longer than `max_tokens`
+    in chunks of its completions, each with the prefix); otherwise single sequences, which need not share a
+    batch with their group's others (a group-sorted batch would pad each sequence to its partner's length)."""
     items, key = [], 0
     for g in groups:
-        if layout == "shared_prefix":
-            items.append((key, g))
-        else:
+        if layout != "shared_prefix":
             items.extend((key + i, Group(g.row, [], [g.sequence(i)], [])) for i in range(len(g.completions)))
+        elif max_tokens and len(g.completions) > 1 and group_cost(g, layout) > max_tokens:
+            items.extend((key + chunk[0], g.chunk(chunk)) for chunk in completion_chunks(g, layout, max_tokens))
+        else:
+            items.append((key, g))
         key += len(g.completions)
     return items
 
@@ -421,7 +493,7 @@ def inference_loader(
 
     shared = layout == "shared_prefix" and any(len(g.completions) > 1 for g in groups)
     layout = "shared_prefix" if shared else "plain"
-    items = inference_items(groups, layout)
+    items = inference_items(groups, layout, max_tokens)
     costs = [group_cost(g, layout) for _, g in items]
     sizes = [len(g.completions) for _, g in items]
     batches = sorted_batches(costs, sizes, max_sequences, max_tokens)

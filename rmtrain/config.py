@@ -56,8 +56,8 @@ class DataSource:
     name: str | None = None
     """Hub dataset config name."""
     columns: dict[str, str | None] = field(default_factory=dict)
-    """Maps this source's column names onto prompt/chosen/rejected/margin, e.g. {question: prompt};
-    null drops a column (e.g. {margin: null} to train without the file's margins)."""
+    """Maps this source's column names onto prompt/chosen/rejected/margin (pairs) or completions/scores/ranks
+    (lists), e.g. {question: prompt}; null drops a column (e.g. {margin: null} to train without the file's margins)."""
     where: dict[str, Any] = field(default_factory=dict)
     """Keep only rows whose columns equal these values, e.g. {split: train_sample}."""
     limit: int | None = None
@@ -97,7 +97,7 @@ class TrainConfig:
     output_dir: str = ""
     learning_rate: float = 1e-4
     per_device_batch_size: int = 8
-    """Pairs per device per micro-batch (each pair is two sequences)."""
+    """Rows per device per batch: pairs, or ranked lists."""
     gradient_accumulation_steps: int = 1
     num_epochs: float = 1.0
     max_steps: int | None = None
@@ -117,6 +117,13 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     activation_offloading: bool = False
     center_rewards_coefficient: float | None = None
+    list_loss: Literal["bradley_terry", "plackett_luce"] = "bradley_terry"
+    """Ranked lists: Bradley-Terry over every pair with different scores, or the listwise Plackett-Luce loss."""
+    list_weighting: Literal["pair", "list"] = "pair"
+    """Bradley-Terry on lists: every pair weighs the same (as training on the binarized pairs), or every list
+    (its pairs averaged, as InstructGPT)."""
+    list_margins: bool = False
+    """Bradley-Terry on lists: each pair's margin is its score difference."""
     batching: Literal["plain", "length_grouped"] = "length_grouped"
     """length_grouped: batches of similar length (shuffled mega-batches), so little padding is computed."""
     max_tokens_per_batch: int | None = None
@@ -132,7 +139,10 @@ class TrainConfig:
     padding_free: bool = False
     """Decoders: all sequences of a batch in one row, position ids restarting (varlen attention on CUDA)."""
     share_prefix: bool = True
-    """Decoders: one sequence prompt + chosen + rejected per pair, the prompt computed once."""
+    """Decoders: one sequence prompt + completions per row, the prompt computed once."""
+    prefix_attention: Literal["segments", "mask"] = "segments"
+    """How the shared prefix's attention is computed: each sequence on its own (segments, checked on the model
+    first, else the mask), or one 4D mask over the whole row."""
     logging_steps: int = 10
     eval_steps: int | None = None
     """Evaluate every N optimizer steps (and always at the end when there is an eval set)."""
@@ -270,6 +280,8 @@ def _accepts_none(tp: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Values that type-check but cannot work.
 
+COLUMN_TARGETS = ("prompt", "chosen", "rejected", "margin", "completions", "scores", "ranks", None)
+
 
 def _validate(recipe: Recipe, problems: list[str]) -> None:
     m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
@@ -289,8 +301,9 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
         check(bool(source.path), f"data.{name}.path: required (a local file or folder, or a Hub dataset id)")
         for column, target in source.columns.items():
             check(
-                target in ("prompt", "chosen", "rejected", "margin", None),
-                f"data.{name}.columns.{column}: maps onto '{target}', expected prompt, chosen, rejected, margin or null",
+                target in COLUMN_TARGETS,
+                f"data.{name}.columns.{column}: maps onto '{target}', expected "
+                f"{', '.join(t for t in COLUMN_TARGETS if t)} or null",
             )
         check(source.skip >= 0, f"data.{name}.skip: must be >= 0, got {source.skip}")
         check(source.limit is None or source.limit > 0, f"data.{name}.limit: must be > 0, got {source.limit}")

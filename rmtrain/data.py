@@ -1,14 +1,15 @@
 """Preference rows -> tokenized groups.
 
-A row is standard (`chosen`/`rejected` are strings) or conversational (lists of `{role, content}`
-messages), with an explicit `prompt` or an implicit one (shared by chosen and rejected). Standard text
-is `prompt + completion` tokenized with the tokenizer's special tokens, plus the EOS token for decoder
-models so that the reward is read at the end of the response (as TRL does). Conversational rows are
-rendered by the chat template (`prompt + completion` messages) and tokenized without extra specials.
+A row is a pair (`chosen`/`rejected`) or a ranked list (`completions` with `scores`, higher is better, or
+`ranks`, 1 is best), standard (strings) or conversational (lists of `{role, content}` messages), with an
+explicit `prompt` or an implicit one (shared by the completions). Standard text is `prompt + completion`
+tokenized with the tokenizer's special tokens, plus the EOS token for decoder models so that the reward is
+read at the end of the response (as TRL does). Conversational rows are rendered by the chat template
+(`prompt + completion` messages) and tokenized without extra specials. One file holds one shape.
 
-A tokenized row is a `Group`: its sequences' longest common token prefix once, then each completion's
-own tokens. A pair is a group of two, chosen first. The prefix is computed here, once; batching,
-rewards and diagnostics read it from the group.
+A tokenized row is a `Group`: its sequences' longest common token prefix once, then each completion's own
+tokens, and the (better, worse) pairs its scores imply (equal scores give none). A pair is a group of two,
+chosen first. The prefix is computed here, once; batching, rewards and diagnostics read it from the group.
 """
 
 from __future__ import annotations
@@ -48,12 +49,28 @@ class Group:
     completions: list[list[int]]
     pairs: list[tuple[int, int]]
     margins: list[float] | None = None
-    """One per pair, or None."""
+    """The data's `margin` column, one per pair (pair files), or None."""
+    scores: list[float] | None = None
+    """One per completion, higher is better (lists; ranks are stored as -rank), or None (pairs)."""
 
     @classmethod
-    def of(cls, row: int, sequences: list[list[int]], pairs: list[tuple[int, int]], margins: list[float] | None = None) -> "Group":
+    def of(
+        cls,
+        row: int,
+        sequences: list[list[int]],
+        pairs: list[tuple[int, int]],
+        margins: list[float] | None = None,
+        scores: list[float] | None = None,
+    ) -> "Group":
         n = common_prefix(sequences) if len(sequences) > 1 else 0
-        return cls(row, sequences[0][:n], [s[n:] for s in sequences], pairs, margins)
+        return cls(row, sequences[0][:n], [s[n:] for s in sequences], pairs, margins, scores)
+
+    def chunk(self, indices: list[int]) -> "Group":
+        """The same prefix with the completions at `indices` (in that order), and the pairs among them."""
+        where = {i: j for j, i in enumerate(indices)}
+        pairs = [(where[a], where[b]) for a, b in self.pairs if a in where and b in where]
+        scores = [self.scores[i] for i in indices] if self.scores is not None else None
+        return Group(self.row, self.prefix, [self.completions[i] for i in indices], pairs, None, scores)
 
     def sequence(self, i: int) -> list[int]:
         return self.prefix + self.completions[i]
@@ -67,22 +84,42 @@ class Preflight:
     """What happened to the rows of one split, for the pre-flight line."""
 
     name: str
+    kind: str = "pairs"
+    """"pairs" or "lists": what the file's rows are."""
     read: int = 0
     kept: int = 0
     too_long: int = 0
+    """Pairs dropped, or (lists) completions dropped, for being longer than max_length."""
     truncated: int = 0
     identical: int = 0
+    """Pairs dropped as chosen == rejected, or (lists) pairs between identical completions."""
+    completions: int = 0
+    """Lists: completions read."""
+    completions_kept: int = 0
+    pairs: int = 0
+    """Lists: pairs the kept completions imply."""
+    tied: int = 0
+    """Lists: pairs of completions with equal scores (they imply no pair)."""
     longest: int = 0
     """Tokens of the longest sequence read, before filtering or truncation."""
     lengths: list[int] = field(default_factory=list)
 
     def line(self, truncation: str, max_length: int) -> str:
-        parts = [f"{self.name}: {self.read} pairs read, {self.kept} kept"]
-        if truncation == "filter":
-            parts.append(f"{self.too_long} dropped (longer than {max_length} tokens)")
+        if self.kind == "lists":
+            cut = (f"{self.too_long} dropped (longer than {max_length} tokens)" if truncation == "filter"
+                   else f"{self.truncated} truncated to {max_length} tokens")
+            parts = [
+                f"{self.name}: {self.read} lists read, {self.kept} kept",
+                f"{self.completions_kept:,} of {self.completions:,} completions ({cut})",
+                f"{self.pairs:,} pairs implied ({self.tied:,} tied pairs give none, {self.identical} between identical completions)",
+            ]
         else:
-            parts.append(f"{self.truncated} truncated to {max_length} tokens")
-        parts.append(f"{self.identical} dropped (chosen == rejected)")
+            parts = [f"{self.name}: {self.read} pairs read, {self.kept} kept"]
+            if truncation == "filter":
+                parts.append(f"{self.too_long} dropped (longer than {max_length} tokens)")
+            else:
+                parts.append(f"{self.truncated} truncated to {max_length} tokens")
+            parts.append(f"{self.identical} dropped (chosen == rejected)")
         if self.lengths:
             ordered = sorted(self.lengths)
             pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
@@ -92,6 +129,10 @@ class Preflight:
 
 # --------------------------------------------------------------------------------------------------
 # Rows -> texts
+
+
+def row_kind(row: dict[str, Any]) -> str:
+    return "lists" if "completions" in row else "pairs"
 
 
 def _is_messages(value: Any) -> bool:
@@ -112,49 +153,83 @@ def check_messages(messages: Any, where: str) -> None:
             raise DataError(f"{where}: message {i} has unknown role '{message['role']}' (expected one of {', '.join(sorted(ROLES))})")
 
 
+def _check_texts(prompt: Any, completions: list[tuple[str, Any]], where: str) -> None:
+    """A prompt (or None) and named completions: all strings or all message lists, well formed, none empty."""
+    shapes = {_is_messages(value) for _, value in completions} | ({_is_messages(prompt)} if prompt is not None else set())
+    if len(shapes) > 1:
+        names = "/".join(["prompt"] * (prompt is not None) + [name.split("[")[0] for name, _ in completions[:2]])
+        raise DataError(f"{where}: mixes plain strings and message lists in {names}")
+    if _is_messages(completions[0][1]):
+        if prompt:
+            check_messages(prompt, f"{where}: prompt")
+        for name, value in completions:
+            check_messages(value, f"{where}: {name}")
+        return
+    for name, value in [("prompt", prompt), *completions]:
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: '{name}' must be a string or a message list, got {type(value).__name__}")
+    for name, value in completions:
+        if not value.strip():
+            raise DataError(f"{where}: empty {name} text; fill it in or remove the row")
+
+
 def check_row(row: dict[str, Any], where: str) -> None:
     """What can be checked without a tokenizer: columns present, one shape, messages well formed, no empty text."""
+    if row_kind(row) == "lists":
+        list_scores(row, where)
+        _check_texts(row.get("prompt"), [(f"completions[{i}]", c) for i, c in enumerate(row["completions"])], where)
+        return
     for key in ("chosen", "rejected"):
         if key not in row or row[key] is None:
             present = ", ".join(sorted(row)) or "none"
             raise DataError(f"{where}: missing '{key}' (columns present: {present}; map yours with data.*.columns)")
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    shapes = {_is_messages(chosen), _is_messages(rejected)} | ({_is_messages(prompt)} if prompt is not None else set())
-    if len(shapes) > 1:
-        raise DataError(f"{where}: mixes plain strings and message lists in prompt/chosen/rejected")
-    if _is_messages(chosen):
-        for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            if key != "prompt" or value:
-                check_messages(value, f"{where}: {key}")
-        return
-    for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if value is not None and not isinstance(value, str):
-            raise DataError(f"{where}: '{key}' must be a string or a message list, got {type(value).__name__}")
-    if not chosen.strip() or not rejected.strip():
-        raise DataError(
-            f"{where}: empty {'chosen' if not chosen.strip() else 'rejected'} text; fill it in or remove the row"
-        )
+    _check_texts(row.get("prompt"), [("chosen", row["chosen"]), ("rejected", row["rejected"])], where)
 
 
-def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> tuple[str, str, bool]:
-    """(chosen_text, rejected_text, add_special_tokens) for one row."""
-    check_row(row, where)
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if _is_messages(chosen):
-        prompt = prompt or []
+def list_scores(row: dict[str, Any], where: str) -> list[float]:
+    """A list row's scores (higher is better), from `scores` or from `ranks` (1 is best: score -rank)."""
+    completions = row["completions"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        got = f"{len(completions)} item(s)" if isinstance(completions, list) else type(completions).__name__
+        raise DataError(f"{where}: 'completions' must be a list of at least 2 completions, got {got}")
+    given = [key for key in ("scores", "ranks") if row.get(key) is not None]
+    if len(given) != 1:
+        what = "both 'scores' and 'ranks'; keep one" if given else "no 'scores' (higher is better) or 'ranks' (1 is best)"
+        raise DataError(f"{where}: a list row needs one of 'scores' or 'ranks', it has {what} (map yours with data.*.columns)")
+    key = given[0]
+    values = row[key]
+    if not isinstance(values, list) or len(values) != len(completions):
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        raise DataError(f"{where}: '{key}' must hold one value per completion ({len(completions)}), got {got}")
+    for i, value in enumerate(values):
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if key == "ranks" and not (number and float(value).is_integer() and value >= 1):
+            raise DataError(f"{where}: ranks[{i}] must be a whole number >= 1 (1 is best), got {value!r}")
+        if not number:
+            raise DataError(f"{where}: scores[{i}] must be a finite number, got {value!r}")
+    return [float(v) for v in values] if key == "scores" else [-float(v) for v in values]
+
+
+def completion_texts(prompt: Any, completions: list[Any], where: str, tokenizer, fmt: TokenFormat) -> tuple[list[str], bool]:
+    """(texts, add_special_tokens): `prompt + completion` for each completion, as the model reads it."""
+    if _is_messages(completions[0]):
         if not tokenizer.chat_template:
             raise DataError(
                 f"{where}: conversational rows need a chat template, and the tokenizer has none; "
                 "set model.chat_template_path to a Jinja file or a tokenizer folder"
             )
-        render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
-        return render(prompt + chosen), render(prompt + rejected), False
-    prompt = prompt or ""
-    chosen, rejected = prompt + chosen, prompt + rejected
+        return [tokenizer.apply_chat_template((prompt or []) + c, tokenize=False) for c in completions], False
+    texts = [(prompt or "") + c for c in completions]
     if fmt.append_eos:
-        chosen = chosen if chosen.endswith(fmt.append_eos) else chosen + fmt.append_eos
-        rejected = rejected if rejected.endswith(fmt.append_eos) else rejected + fmt.append_eos
-    return chosen, rejected, True
+        texts = [t if t.endswith(fmt.append_eos) else t + fmt.append_eos for t in texts]
+    return texts, True
+
+
+def row_texts(row: dict[str, Any], where: str, tokenizer, fmt: TokenFormat) -> tuple[list[str], bool]:
+    """(texts of the row's completions: chosen and rejected, or the list's, add_special_tokens) for one row."""
+    check_row(row, where)
+    completions = row["completions"] if row_kind(row) == "lists" else [row["chosen"], row["rejected"]]
+    return completion_texts(row.get("prompt"), completions, where, tokenizer, fmt)
 
 
 def row_margin(row: dict[str, Any], where: str) -> float | None:
@@ -185,6 +260,27 @@ def check_rows(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> No
     row_margins(rows, name, row_offset)
 
 
+def check_single_shape(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> None:
+    """One file must hold one shape: pairs or lists, all plain strings or all message lists."""
+    first = None
+    for index, row in enumerate(rows):
+        kind = row_kind(row)
+        value = row.get("chosen") if kind == "pairs" else (row["completions"] or [None])[0] if isinstance(row["completions"], list) else None
+        if value is None:
+            continue
+        if kind == "lists":
+            shape = "a ranked list of message lists" if _is_messages(value) else "a ranked list of strings"
+        else:
+            shape = "conversational (message lists)" if _is_messages(value) else "standard (strings)"
+        if first is None:
+            first = (shape, index)
+        elif shape != first[0]:
+            raise DataError(
+                f"{name}: row {index + 1 + row_offset}: is {shape} but row {first[1] + 1 + row_offset} is {first[0]}; "
+                "use one shape per file"
+            )
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenizing, truncating, filtering
 
@@ -202,7 +298,7 @@ def truncate_left(ids: list[int], max_length: int, head: int, tail: int) -> list
     return ids[:head] + body[len(body) - keep :] + ids[len(ids) - tail :]
 
 
-def tokenize_pairs(
+def tokenize_rows(
     rows: list[dict[str, Any]],
     name: str,
     tokenizer,
@@ -212,34 +308,83 @@ def tokenize_pairs(
     num_proc: int | None = None,
     row_offset: int = 0,
 ) -> tuple[list[Group], Preflight]:
-    """Tokenized pairs (groups of two: chosen, rejected) and what was dropped on the way."""
-    stats = Preflight(name=name, read=len(rows))
-    texts = [row_texts(row, f"{name}: row {index + 1 + row_offset}", tokenizer, fmt) for index, row in enumerate(rows)]
-    margins = row_margins(rows, name, row_offset)
-    chosen_ids, rejected_ids = _tokenize(texts, tokenizer, num_proc)
-    head, tail = special_token_frame(tokenizer)
-    groups = []
-    for index, (chosen, rejected, (_, _, add_special)) in enumerate(zip(chosen_ids, rejected_ids, texts)):
-        stats.longest = max(stats.longest, len(chosen), len(rejected))
+    """Tokenized groups (pairs: chosen, rejected; lists: their completions) and what was dropped on the way.
+
+    Pairs: a pair with a side longer than `max_length` is dropped (`filter`) or cut from the left
+    (`truncate`); chosen == rejected is dropped. Lists: the same applies to each completion, then the pairs
+    the remaining completions' scores imply are formed (none between equal scores or identical completions);
+    a list left without a pair is dropped.
+    """
+    kind = row_kind(rows[0]) if rows else "pairs"
+    stats = Preflight(name=name, kind=kind, read=len(rows))
+    wheres = [f"{name}: row {index + 1 + row_offset}" for index in range(len(rows))]
+    texts = [row_texts(row, where, tokenizer, fmt) for row, where in zip(rows, wheres)]
+    margins = row_margins(rows, name, row_offset) if kind == "pairs" else [None] * len(rows)
+    scores = [list_scores(row, where) for row, where in zip(rows, wheres)] if kind == "lists" else [None] * len(rows)
+    ids = _tokenize([t for row_texts_, _ in texts for t in row_texts_], texts[0][1] if texts else True, tokenizer, num_proc)
+    frame = special_token_frame(tokenizer) if texts and texts[0][1] else (0, 0)
+    groups, start = [], 0
+    for index, (row_texts_, _) in enumerate(texts):
+        sequences = ids[start : start + len(row_texts_)]
+        start += len(row_texts_)
+        stats.longest = max([stats.longest, *map(len, sequences)])
+        if kind == "pairs":
+            group = _pair_group(index + row_offset, sequences, margins[index], max_length, truncation, frame, stats)
+        else:
+            group = _list_group(index + row_offset, sequences, scores[index], max_length, truncation, frame, stats)
+        if group is None:
+            continue
+        check_no_pad([t for i in range(len(group.completions)) for t in group.sequence(i)], fmt, tokenizer, wheres[index])
+        groups.append(group)
+        stats.lengths.extend(group.lengths())
+    stats.kept = len(groups)
+    return groups, stats
+
+
+def _pair_group(row, sequences, margin, max_length, truncation, frame, stats: Preflight) -> Group | None:
+    chosen, rejected = sequences
+    if chosen == rejected:
+        stats.identical += 1
+        return None
+    if len(chosen) > max_length or len(rejected) > max_length:
+        if truncation == "filter":
+            stats.too_long += 1
+            return None
+        chosen, rejected = truncate_left(chosen, max_length, *frame), truncate_left(rejected, max_length, *frame)
+        stats.truncated += 1
         if chosen == rejected:
             stats.identical += 1
-            continue
-        if len(chosen) > max_length or len(rejected) > max_length:
+            return None
+    return Group.of(row, [chosen, rejected], [(0, 1)], None if margin is None else [margin])
+
+
+def _list_group(row, sequences, scores, max_length, truncation, frame, stats: Preflight) -> Group | None:
+    stats.completions += len(sequences)
+    kept = []
+    for i, seq in enumerate(sequences):
+        if len(seq) > max_length:
             if truncation == "filter":
                 stats.too_long += 1
                 continue
-            h, t = (head, tail) if add_special else (0, 0)
-            chosen, rejected = truncate_left(chosen, max_length, h, t), truncate_left(rejected, max_length, h, t)
+            sequences[i] = truncate_left(seq, max_length, *frame)
             stats.truncated += 1
-            if chosen == rejected:
-                stats.identical += 1
-                continue
-        check_no_pad(chosen + rejected, fmt, tokenizer, f"{name}: row {index + 1 + row_offset}")
-        margin = None if margins[index] is None else [margins[index]]
-        groups.append(Group.of(index + row_offset, [chosen, rejected], [(0, 1)], margin))
-        stats.lengths.extend((len(chosen), len(rejected)))
-    stats.kept = len(groups)
-    return groups, stats
+        kept.append(i)
+    pairs = []
+    for a in range(len(kept)):
+        for b in range(len(kept)):
+            i, j = kept[a], kept[b]
+            if scores[i] > scores[j]:
+                if sequences[i] == sequences[j]:
+                    stats.identical += 1
+                else:
+                    pairs.append((a, b))
+            elif scores[i] == scores[j] and a < b:
+                stats.tied += 1
+    if not pairs:
+        return None
+    stats.completions_kept += len(kept)
+    stats.pairs += len(pairs)
+    return Group.of(row, [sequences[i] for i in kept], pairs, None, [scores[i] for i in kept])
 
 
 def token_ids(groups: list[Group], pad_token_id: int) -> list[int]:
@@ -261,23 +406,14 @@ def check_no_pad(ids: list[int], fmt: TokenFormat, tokenizer, where: str) -> Non
         )
 
 
-def _tokenize(texts: list[tuple[str, str, bool]], tokenizer, num_proc: int | None) -> tuple[list, list]:
+def _tokenize(texts: list[str], add_special: bool, tokenizer, num_proc: int | None) -> list[list[int]]:
     import datasets
 
     if not texts:  # an empty table maps to no columns at all
-        return [], []
-    # One shape per file (check_single_shape), so one add_special_tokens flag for all rows.
-    add_special = texts[0][2] if texts else True
-    table = datasets.Dataset.from_dict({"chosen": [t[0] for t in texts], "rejected": [t[1] for t in texts]})
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        return {
-            f"{key}_ids": tokenizer(batch[key], add_special_tokens=add_special)["input_ids"]
-            for key in ("chosen", "rejected")
-        }
-
+        return []
+    table = datasets.Dataset.from_dict({"text": texts})
     encoded = table.map(
-        encode,
+        lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=add_special)["input_ids"]},
         batched=True,
         batch_size=1000,
         num_proc=num_proc,
@@ -285,24 +421,7 @@ def _tokenize(texts: list[tuple[str, str, bool]], tokenizer, num_proc: int | Non
         keep_in_memory=True,
         load_from_cache_file=False,
     )
-    return encoded["chosen_ids"], encoded["rejected_ids"]
-
-
-def check_single_shape(rows: list[dict[str, Any]], name: str, row_offset: int = 0) -> None:
-    """One file must hold one shape: all plain strings or all message lists."""
-    first = None
-    for index, row in enumerate(rows):
-        value = row.get("chosen")
-        if value is None:
-            continue
-        shape = "conversational (message lists)" if _is_messages(value) else "standard (strings)"
-        if first is None:
-            first = (shape, index)
-        elif shape != first[0]:
-            raise DataError(
-                f"{name}: row {index + 1 + row_offset}: is {shape} but row {first[1] + 1 + row_offset} is {first[0]}; "
-                "use one shape per file"
-            )
+    return encoded["ids"]
 
 
 def read_splits(data: DataConfig) -> dict[str, tuple[list[dict[str, Any]], str]]:
@@ -320,22 +439,22 @@ def read_splits(data: DataConfig) -> dict[str, tuple[list[dict[str, Any]], str]]
     return splits
 
 
-def load_pairs(
+def load_groups(
     data: DataConfig, tokenizer, fmt: TokenFormat, seed: int, splits: dict | None = None
 ) -> tuple[list[Group], list[Group] | None, list[Preflight]]:
-    """Train and eval pairs for a recipe (rows from read_splits), and their pre-flight statistics."""
+    """Train and eval groups for a recipe (rows from read_splits), and their pre-flight statistics."""
     assert data.train is not None
     splits = splits if splits is not None else read_splits(data)
     rows, name = splits["train"]
-    train, train_stats = tokenize_pairs(
+    train, train_stats = tokenize_rows(
         rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.train.skip
     )
     stats = [train_stats]
     train_stats.name = f"train ({name})"
-    eval_pairs = None
+    eval_groups = None
     if data.eval is not None:
         rows, name = splits["eval"]
-        eval_pairs, eval_stats = tokenize_pairs(
+        eval_groups, eval_stats = tokenize_rows(
             rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.eval.skip
         )
         eval_stats.name = f"eval ({name})"
@@ -345,27 +464,34 @@ def load_pairs(
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(train) * data.eval_fraction))
         held_out = set(order[:n_eval])
-        eval_pairs = [p for i, p in enumerate(train) if i in held_out]
+        eval_groups = [p for i, p in enumerate(train) if i in held_out]
         train = [p for i, p in enumerate(train) if i not in held_out]
-        train_stats.name += f", {len(eval_pairs)} held out for eval"
+        train_stats.name += f", {len(eval_groups)} held out for eval"
     if not train:
         raise DataError(_nothing_left(stats[0], data, "train"))
-    if eval_pairs is not None and not eval_pairs:
+    if eval_groups is not None and not eval_groups:
         raise DataError(_nothing_left(stats[-1], data, "eval"))
-    return train, eval_pairs, stats
+    return train, eval_groups, stats
 
 
 def _nothing_left(stats: Preflight, data: DataConfig, split: str) -> str:
-    if stats.too_long and stats.too_long + stats.identical == stats.read:
+    what = "pair" if stats.kind == "pairs" else "completion"
+    if stats.too_long and (stats.kind == "lists" and stats.completions_kept == 0 or stats.too_long + stats.identical == stats.read):
         return (
-            f"{stats.name}: every pair is longer than data.max_length={data.max_length} "
+            f"{stats.name}: every {what} is longer than data.max_length={data.max_length} "
             f"(the longest sequence has {stats.longest:,} tokens); set data.truncation: truncate, "
             "or raise data.max_length"
         )
-    if stats.identical == stats.read:
+    if stats.kind == "pairs" and stats.identical == stats.read:
         return (
             f"{stats.name}: every pair has chosen identical to rejected ({stats.read} read, all dropped); "
             "such pairs teach nothing: check the chosen/rejected columns"
+        )
+    if stats.kind == "lists":
+        return (
+            f"{stats.name}: no list implies a pair ({stats.read} read; {stats.tied} tied pairs, {stats.identical} between "
+            f"identical completions, {stats.too_long} completions longer than data.max_length={data.max_length}); "
+            "check the scores/ranks columns"
         )
     return (
         f"{stats.name}: no {split} pairs left ({stats.read} read, {stats.identical} dropped as chosen == rejected, "

@@ -167,3 +167,46 @@ def length_bias(
         "accuracy_chosen_longer": acc(longer),
         "accuracy_chosen_shorter": acc(shorter),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranked lists
+
+
+def top1_correct(rewards: torch.Tensor, scores: list[float]) -> bool:
+    """Best-of-n: the completion with the highest reward is one of the highest-scored."""
+    return scores[int(torch.argmax(rewards))] == max(scores)
+
+
+def kendall_tau(rewards: torch.Tensor, scores: list[float]) -> float | None:
+    """Kendall's tau-b between a list's rewards and its scores (ties counted as tau-b does); None when either
+    side is constant."""
+    concordant = discordant = tied_rewards = tied_scores = 0
+    values = rewards.double().tolist()
+    k = len(values)
+    for i in range(k):
+        for j in range(i + 1, k):
+            a, b = values[i] - values[j], scores[i] - scores[j]
+            if a == 0:
+                tied_rewards += 1
+            if b == 0:
+                tied_scores += 1
+            if a * b > 0:
+                concordant += 1
+            elif a * b < 0:
+                discordant += 1
+    pairs = k * (k - 1) / 2
+    denominator = math.sqrt((pairs - tied_rewards) * (pairs - tied_scores))
+    return (concordant - discordant) / denominator if denominator else None
+
+
+def list_stats(scores: list[list[float] | None], rewards: list[torch.Tensor]) -> dict[str, Any]:
+    """Over the ranked lists among the groups (pairs without scores are left out): how many, top-1 accuracy,
+    and the mean Kendall tau per list (over the lists where it is defined)."""
+    lists = [(s, r) for s, r in zip(scores, rewards) if s is not None]
+    taus = [t for t in (kendall_tau(r, s) for s, r in lists) if t is not None]
+    return {
+        "num_lists": len(lists),
+        "top1_accuracy": sum(top1_correct(r, s) for s, r in lists) / len(lists) if lists else None,
+        "mean_kendall_tau": sum(taus) / len(taus) if taus else None,
+    }

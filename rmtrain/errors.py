@@ -53,3 +53,13 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run over many lines)."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def require_extra(extra: str, modules: tuple[str, ...], purpose: str) -> None:
+    """A one-line error naming the extra to install when an optional feature's packages are missing."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"{purpose} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+                        f"pip install 'rmtrain[{extra}]'")

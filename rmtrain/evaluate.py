@@ -12,15 +12,18 @@ import torch
 from rmtrain.batching import choose_layout
 from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import Group, check_single_shape, tokenize_pairs
+from rmtrain.data import Group, check_single_shape, tokenize_rows
 from rmtrain.diagnostics import (
     REWARDBENCH_SECTIONS,
     calibration,
     correct,
+    kendall_tau,
     length_bias,
+    list_stats,
     rewardbench_score,
     section_scores,
     subset_accuracy,
+    top1_correct,
 )
 from rmtrain.engine import inference_accelerator
 from rmtrain.errors import DataError
@@ -28,15 +31,6 @@ from rmtrain.log import RunLog
 from rmtrain.saved import folder_kind, load_saved
 from rmtrain.scoring import evaluate_pairs, inference_set
 from rmtrain.sources import read_rows
-
-
-def response_tokens(group: Group) -> tuple[int, int]:
-    """Tokens of the chosen and rejected responses: each sequence after the pair's common token prefix.
-
-    The prefix is the prompt (and any opening words both responses share), so the prompt's length never
-    counts; chosen is longer exactly when its whole sequence is.
-    """
-    return len(group.completions[0]), len(group.completions[1])
 
 
 def subset_column(rows: list[dict[str, Any]], name: str, requested: str | None) -> str | None:
@@ -51,38 +45,41 @@ def subset_column(rows: list[dict[str, Any]], name: str, requested: str | None) 
 
 
 def diagnose(
-    per_pair: dict[str, torch.Tensor],
-    pairs: list[Group],
+    per_pair: dict[str, Any],
+    groups: list[Group],
     rows: list[dict[str, Any]],
     name: str,
     subset_field: str | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Diagnostics over the scored pairs, and one record per pair (sorted by source row) for pairs.jsonl."""
-    order = torch.argsort(per_pair["row"])
-    per_pair = {k: v[order] for k, v in per_pair.items()}
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Diagnostics over the scored pairs; one record per pair (sorted by source row, then by the pair's
+    completions) for pairs.jsonl, and for ranked lists one record per list for lists.jsonl."""
+    lists = [(g, r) for g, r in zip(groups, per_pair["group_rewards"]) if g.scores is not None]
+    order = sorted(range(len(per_pair["row"])), key=lambda i: (int(per_pair["row"][i]), int(per_pair["better"][i]), int(per_pair["worse"][i])))
+    per_pair = {k: v[order] for k, v in per_pair.items() if isinstance(v, torch.Tensor)}
     row_ids = per_pair["row"].tolist()
-    lengths = {pair.row: response_tokens(pair) for pair in pairs}
-    chosen_tokens = torch.tensor([lengths[r][0] for r in row_ids], dtype=torch.long)
-    rejected_tokens = torch.tensor([lengths[r][1] for r in row_ids], dtype=torch.long)
     chosen, rejected = per_pair["chosen"], per_pair["rejected"]
-    margin = chosen.double() - rejected.double()
+    chosen_tokens, rejected_tokens = per_pair["chosen_tokens"], per_pair["rejected_tokens"]
     outcomes = correct(chosen, rejected)
     results: dict[str, Any] = {
         "mean_chosen_reward": chosen.double().mean().item(),
         "mean_rejected_reward": rejected.double().mean().item(),
-        "calibration": calibration(margin),
+        "calibration": calibration(chosen.double() - rejected.double()),
         "length_bias": length_bias(chosen.double(), rejected.double(), chosen_tokens, rejected_tokens),
     }
-    subsets = None
+    subset_of = None
     if subset_field is not None:
-        subsets = []
-        for r in row_ids:
-            value = rows[r].get(subset_field)
+        subset_of = {}
+        for g in groups:
+            value = rows[g.row].get(subset_field)
             if value is None:
-                raise DataError(f"{name}: row {r + 1}: no '{subset_field}' value while other rows have one")
-            subsets.append(str(value))
+                raise DataError(f"{name}: row {g.row + 1}: no '{subset_field}' value while other rows have one")
+            subset_of[g.row] = str(value)
         results["subset_field"] = subset_field
-        results["subsets"] = subset_accuracy(subsets, outcomes)
+        results["subsets"] = subset_accuracy([subset_of[r] for r in row_ids], outcomes)
+        for subset, entry in results["subsets"].items():
+            if lists:
+                members = [(g, r) for g, r in lists if subset_of[g.row] == subset]
+                entry |= list_stats([g.scores for g, _ in members], [r for _, r in members])
         sections = section_scores({s: v["accuracy"] for s, v in results["subsets"].items()})
         if sections:
             results["sections"] = sections
@@ -93,8 +90,10 @@ def diagnose(
     records = []
     for i, r in enumerate(row_ids):
         record: dict[str, Any] = {"row": r}
-        if subsets is not None:
-            record["subset"] = subsets[i]
+        if lists:
+            record.update(better=int(per_pair["better"][i]), worse=int(per_pair["worse"][i]))
+        if subset_of is not None:
+            record["subset"] = subset_of[r]
         record.update(
             chosen_reward=chosen[i].item(),
             rejected_reward=rejected[i].item(),
@@ -105,7 +104,12 @@ def diagnose(
             rejected_tokens=int(rejected_tokens[i]),
         )
         records.append(record)
-    return results, records
+    list_records = []
+    for g, r in sorted(lists, key=lambda item: item[0].row):
+        record = {"row": g.row} | ({"subset": subset_of[g.row]} if subset_of is not None else {})
+        record.update(rewards=r.tolist(), scores=g.scores, top1_correct=top1_correct(r, g.scores), kendall_tau=kendall_tau(r, g.scores))
+        list_records.append(record)
+    return results, records, list_records
 
 
 def run_eval(
@@ -135,22 +139,22 @@ def run_eval(
     subsets_from = subset_column(rows, name, subset_field)
     rm, trained_max_length = load_saved(model_path)
     max_length = max_length or trained_max_length or 1024
-    pairs, stats = tokenize_pairs(rows, name, rm.tokenizer, rm.fmt, max_length, truncation)
+    groups, stats = tokenize_rows(rows, name, rm.tokenizer, rm.fmt, max_length, truncation)
     log.info(stats.line(truncation, max_length))
-    if not pairs:
+    if not groups:
         raise DataError(f"{name}: no pairs left to evaluate (see the line above); try --truncation truncate")
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
     if max_tokens_per_forward == "auto":
         max_tokens_per_forward = inference_tokens_per_forward(rm.model, accelerator.device)
     model = accelerator.prepare(rm.model)
     start = time.perf_counter()
-    scored = inference_set(accelerator, pairs, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens_per_forward)
+    scored = inference_set(accelerator, groups, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens_per_forward)
     metrics, per_pair = evaluate_pairs(accelerator, model, rm, scored)
     seconds = time.perf_counter() - start
-    metrics["num_pairs_read"] = stats.read
+    metrics[f"num_{stats.kind}_read"] = stats.read
     metrics["seconds"] = seconds
     metrics["pairs_per_s"] = metrics["num_pairs"] / max(seconds, 1e-9)
-    details, records = diagnose(per_pair, pairs, rows, name, subsets_from)
+    details, records, list_records = diagnose(per_pair, groups, rows, name, subsets_from)
     results = {**metrics, **details}
     if accelerator.is_main_process:
         from rmtrain.report import print_results, write_report
@@ -159,6 +163,7 @@ def run_eval(
         if json_out:
             Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
         if report_dir:
-            write_report(Path(report_dir), results, records)
-            log.info(f"report: {report_dir} (metrics.json, pairs.jsonl, reward_histogram.png, reliability.png, reward_vs_length.png)")
+            write_report(Path(report_dir), results, records, list_records)
+            extra = ", lists.jsonl" if list_records else ""
+            log.info(f"report: {report_dir} (metrics.json, pairs.jsonl{extra}, reward_histogram.png, reliability.png, reward_vs_length.png)")
     return results

@@ -29,13 +29,13 @@ from torch import nn
 from rmtrain.batching import choose_layout
 from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import Group, tokenize_pairs
+from rmtrain.data import Group, tokenize_rows
 from rmtrain.engine import inference_accelerator
 from rmtrain.errors import ExportError, ModelError
 from rmtrain.log import RunLog
 from rmtrain.model import RewardModel
 from rmtrain.saved import folder_kind, load_saved, save_model_folder
-from rmtrain.scoring import evaluate_pairs, inference_set
+from rmtrain.scoring import group_rewards, inference_set
 from rmtrain.sources import read_rows
 from rmtrain.tokenizer import TokenFormat, choose_pad_token, special_token_frame
 
@@ -67,12 +67,12 @@ class Reference:
 def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_length: int) -> Reference | None:
     """--data, else the run's eval pairs, else the first pairs of its training data; None without a recipe."""
     from rmtrain.config import load_recipe
-    from rmtrain.data import check_single_shape, load_pairs, read_splits
+    from rmtrain.data import check_single_shape, load_groups, read_splits
 
     if data_path is not None:
         rows, name = read_rows(DataSource(path=data_path))
         check_single_shape(rows, name)
-        pairs, _ = tokenize_pairs(rows, name, rm.tokenizer, rm.fmt, max_length, "filter")
+        pairs, _ = tokenize_rows(rows, name, rm.tokenizer, rm.fmt, max_length, "filter")
         return Reference(name, "--data", rows, pairs)
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
@@ -80,7 +80,7 @@ def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_l
     recipe = load_recipe(recipe_file)
     data = recipe.data
     splits = read_splits(data)
-    train, eval_pairs, _ = load_pairs(data, rm.tokenizer, rm.fmt, recipe.train.seed, splits)
+    train, eval_pairs, _ = load_groups(data, rm.tokenizer, rm.fmt, recipe.train.seed, splits)
     if eval_pairs:
         split, pairs, what = ("eval" if data.eval else "train"), eval_pairs, "the run's eval pairs"
     else:
@@ -91,19 +91,19 @@ def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_l
     return Reference(name, what, rows, [replace(p, row=p.row - skip) for p in pairs])
 
 
-def pair_rewards(rm: RewardModel, pairs: list[Group], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) rewards of `pairs` in their order, computed as `rmtrain eval` computes them."""
+def rewards_of(rm: RewardModel, groups: list[Group], batch_size: int = 16) -> list[torch.Tensor]:
+    """Each group's completion rewards, in their order, computed as `rmtrain eval` computes them."""
     accelerator = inference_accelerator()
     layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
     max_tokens = inference_tokens_per_forward(rm.model, accelerator.device)
     model = accelerator.prepare(rm.model)
-    scored = inference_set(accelerator, pairs, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens)
-    _, per_pair = evaluate_pairs(accelerator, model, rm, scored)
-    return per_pair["chosen"], per_pair["rejected"]
+    scored = inference_set(accelerator, groups, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens)
+    return group_rewards(accelerator, model, rm, scored)
 
 
-def reward_statistics(chosen: torch.Tensor, rejected: torch.Tensor, name: str) -> dict[str, Any]:
-    rewards = torch.cat([chosen, rejected]).double()
+def reward_statistics(rewards: torch.Tensor, name: str) -> dict[str, Any]:
+    """Mean and std over the rewards of every completion (chosen and rejected, or a list's)."""
+    rewards = rewards.double()
     std = rewards.std(unbiased=False).item()
     if not std > 0:
         raise ExportError(f"{name}: every reward is the same ({rewards[0].item():.6g}); cannot normalize by a zero std")
@@ -186,13 +186,13 @@ def check_head_has_bias(head: nn.Module, model_name: str) -> None:
 # The check: the folder in a fresh process, read the way an RL trainer reads it
 
 
-def check_inputs(rows: list[dict], pairs: list[Group], count: int) -> list[dict]:
-    """Inputs for rmtrain.plain_check: the chosen then the rejected side of the first `count` pairs."""
+def check_inputs(rows: list[dict], groups: list[Group]) -> list[dict]:
+    """Inputs for rmtrain.plain_check: every completion of each group (chosen, rejected; or a list's), whole."""
     inputs = []
-    for side in ("chosen", "rejected"):
-        for pair in pairs[:count]:
-            row = rows[pair.row]
-            prompt, response = row.get("prompt"), row[side]
+    for group in groups:
+        row = rows[group.row]
+        prompt = row.get("prompt")
+        for response in row["completions"] if "completions" in row else (row["chosen"], row["rejected"]):
             if isinstance(response, list):
                 inputs.append({"messages": (prompt or []) + response})
             else:
@@ -252,18 +252,16 @@ def export_model(
         name, rows, pairs = reference.name, reference.rows, reference.pairs
         if not pairs:
             raise ExportError(f"{name}: no pairs left for the reward statistics (all filtered by length?)")
-        chosen, rejected = pair_rewards(rm, pairs)
-        stats = reward_statistics(chosen, rejected, name) | {"pairs_from": reference.what}
+        stats = reward_statistics(torch.cat(rewards_of(rm, pairs)), name) | {"pairs_from": reference.what}
         log.info(
             f"reward statistics over {stats['num_rewards']} rewards of {name} ({reference.what}): "
             f"mean {stats['mean']:.4f}, std {stats['std']:.4f}"
         )
         # The check reads whole texts, so it uses pairs that fit max_length untruncated.
-        whole, _ = tokenize_pairs(rows[: 4 * check_pairs], name, rm.tokenizer, rm.fmt, max_length, "filter")
-        whole = whole[:check_pairs]
+        whole, _ = tokenize_rows(rows[: 4 * check_pairs], name, rm.tokenizer, rm.fmt, max_length, "filter")
+        whole = [g for g in whole if len(g.completions) == len(rows[g.row].get("completions", "ab"))][:check_pairs]
         if whole:
-            c, r = pair_rewards(rm, whole)
-            check_sample = (check_inputs(rows, whole, check_pairs), torch.cat([c, r]).double())
+            check_sample = (check_inputs(rows, whole), torch.cat(rewards_of(rm, whole)).double())
     if normalize and stats is None:
         raise ExportError(f"--normalize: {run_dir} is not a run (no recipe.yaml) and no --data was given; pass --data PAIRS.jsonl")
     if check and check_sample is None:

@@ -31,11 +31,15 @@ def _fmt(value: Any) -> str:
 def _summary(values: dict[str, Any]) -> str:
     """A console line short enough for a terminal; metrics.jsonl has every value."""
     parts = [f"loss {values['loss']:.4f}", f"acc {values['accuracy']:.3f}", f"margin {_fmt(values['margin'])}"]
+    if values.get("top1_accuracy") is not None:
+        parts.append(f"top-1 {values['top1_accuracy']:.3f}")
     parts.append(f"reward {_fmt(values['mean_reward'])} [{_fmt(values['min_reward'])}, {_fmt(values['max_reward'])}]")
     if "learning_rate" in values:
         parts.append(f"lr {values['learning_rate']:.2e}")
     if "pairs_per_s" in values:
         parts.append(f"{values['pairs_per_s']:.1f} pairs/s")
+    if "lists_per_s" in values:
+        parts.append(f"{values['lists_per_s']:.2f} lists/s")
     if "computed_tokens_per_real" in values:
         parts.append(f"computed/real tokens {values['computed_tokens_per_real']:.2f}")
     return "  ".join(parts)
@@ -110,8 +114,10 @@ class RunLog:
 class Throughput:
     """Training-only time and token counts (evaluation and checkpointing are paused out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lists: bool = False) -> None:
         self.window = {"seconds": 0.0, "pairs": 0, "real_tokens": 0, "computed_tokens": 0}
+        if lists:  # training on ranked lists also counts lists and completions
+            self.window |= {"lists": 0, "completions": 0}
         self.total = dict(self.window)
         self._since: float | None = None
 
@@ -132,10 +138,11 @@ class Throughput:
         finally:
             self.resume()
 
-    def add(self, pairs: int, real_tokens: int, computed_tokens: int) -> None:
-        self.window["pairs"] += pairs
-        self.window["real_tokens"] += real_tokens
-        self.window["computed_tokens"] += computed_tokens
+    def add(self, pairs: int, real_tokens: int, computed_tokens: int, lists: int = 0, completions: int = 0) -> None:
+        for key, value in (("pairs", pairs), ("real_tokens", real_tokens), ("computed_tokens", computed_tokens),
+                           ("lists", lists), ("completions", completions)):
+            if key in self.window:
+                self.window[key] += value
 
     def take_window(self) -> dict[str, float]:
         """Rates since the last call (the clock keeps running), folded into the run totals."""
@@ -156,11 +163,15 @@ class Throughput:
 
 def _rates(counts: dict[str, float]) -> dict[str, float]:
     seconds = max(counts["seconds"], 1e-9)
-    return {
+    rates = {
         "pairs_per_s": counts["pairs"] / seconds,
         "tokens_per_s": counts["real_tokens"] / seconds,
         "computed_tokens_per_real": counts["computed_tokens"] / max(counts["real_tokens"], 1),
     }
+    for key in ("lists", "completions"):
+        if key in counts:
+            rates[f"{key}_per_s"] = counts[key] / seconds
+    return rates
 
 
 def truncate_metrics_file(path: Path, after_step: int) -> None:

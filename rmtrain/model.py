@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rmtrain.attention import KEYWORD, attention_is_segmented
 from rmtrain.config import LoraConfig, ModelConfig
 from rmtrain.errors import ModelError, first_line
 from rmtrain.loss import last_token_index
@@ -204,6 +205,7 @@ def sequence_rewards(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     reward_index: torch.Tensor | None = None,
+    segments: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One reward per sequence.
 
@@ -211,6 +213,7 @@ def sequence_rewards(
     Decoders: the head's per-token score at each sequence's reward token: `reward_index` into the
     flattened [rows * width] scores (see rmtrain.batching), or else the last real token of each row
     found from the 2D attention mask. Never found by searching for the pad id (pad == eos breaks that).
+    `segments`: a shared-prefix batch for rmtrain.attention (then there is no attention mask).
     The forward still goes through `model` so DDP/FSDP wrappers see it; a hook captures the head's
     per-token output.
     """
@@ -219,7 +222,11 @@ def sequence_rewards(
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        extra = {} if segments is None else {KEYWORD: segments}
+        if segments is not None and not attention_is_segmented(model):
+            # Its attention would ignore the segments and attend across the whole row: wrong, and silently.
+            raise RuntimeError("a shared-prefix batch without a mask for a model not switched to segment attention")
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
     finally:
         handle.remove()
     token_scores = captured[-1][..., 0]  # [rows, width]
@@ -239,5 +246,6 @@ def batch_rewards(model: nn.Module, rm: "RewardModel", batch: dict[str, torch.Te
         batch.get("attention_mask"),
         batch.get("position_ids"),
         batch.get("reward_index"),
+        batch.get("segments"),
     )
     return rewards.float()

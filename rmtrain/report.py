@@ -37,11 +37,17 @@ def print_results(log: RunLog, title: str, results: dict[str, Any]) -> None:
 
         for section, counts in REWARDBENCH_SECTIONS.items():
             section_of.update({s: section for s in counts})
+        lists = "num_lists" in results
         table = Table(title=f"accuracy per {results['subset_field']}")
-        for column, justify in (("subset", "left"), ("pairs", "right"), ("accuracy", "right"), ("section", "left")):
+        columns = [("subset", "left"), ("pairs", "right"), ("accuracy", "right")]
+        columns += [("lists", "right"), ("top-1", "right"), ("Kendall tau", "right")] if lists else []
+        for column, justify in columns + [("section", "left")]:
             table.add_column(column, justify=justify)
         for subset, entry in results["subsets"].items():
-            table.add_row(subset, str(entry["pairs"]), _fmt(entry["accuracy"]), section_of.get(subset, "-"))
+            cells = [subset, str(entry["pairs"]), _fmt(entry["accuracy"])]
+            if lists:
+                cells += [str(entry.get("num_lists", 0)), _value(entry.get("top1_accuracy")), _value(entry.get("mean_kendall_tau"))]
+            table.add_row(*cells, section_of.get(subset, "-"))
         console.print(table)
     if results.get("sections"):
         table = Table(title="RewardBench sections")
@@ -72,13 +78,16 @@ def print_results(log: RunLog, title: str, results: dict[str, Any]) -> None:
     console.print(table)
 
 
-def write_report(directory: Path, results: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    """metrics.json, pairs.jsonl (one line per scored pair, by source row) and the PNG plots."""
+def write_report(directory: Path, results: dict[str, Any], records: list[dict[str, Any]], list_records: list[dict[str, Any]]) -> None:
+    """metrics.json, pairs.jsonl (one line per scored pair, by source row), for ranked lists lists.jsonl (one
+    line per list), and the PNG plots."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with (directory / "pairs.jsonl").open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    for name, lines in (("pairs.jsonl", records), ("lists.jsonl", list_records)):
+        if lines or name == "pairs.jsonl":
+            with (directory / name).open("w", encoding="utf-8") as f:
+                for record in lines:
+                    f.write(json.dumps(record) + "\n")
     _plots(directory, results, records)
 
 

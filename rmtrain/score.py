@@ -19,7 +19,7 @@ from typing import Any, Iterator, TextIO
 from rmtrain.batching import choose_layout
 from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import Group, check_messages, check_no_pad, row_texts, truncate_left
+from rmtrain.data import Group, check_messages, check_no_pad, completion_texts, truncate_left
 from rmtrain.engine import inference_accelerator
 from rmtrain.errors import DataError
 from rmtrain.log import RunLog
@@ -72,9 +72,8 @@ def input_text(row: dict[str, Any], where: str, field: str | None, tokenizer, fm
             raise DataError(f"{where}: empty '{name}'")
     else:
         raise DataError(f"{where}: '{name}' must be a string or a message list, got {type(completion).__name__}")
-    pair = {"chosen": completion, "rejected": completion} | ({"prompt": prompt} if prompt is not None else {})
-    text, _, add_special = row_texts(pair, where, tokenizer, fmt)
-    return text, add_special
+    texts, add_special = completion_texts(prompt, [completion], where, tokenizer, fmt)
+    return texts[0], add_special
 
 
 def tokenize_inputs(

@@ -10,6 +10,7 @@ import torch
 
 from rmtrain.batching import inference_loader
 from rmtrain.data import Group
+from rmtrain.diagnostics import list_stats
 from rmtrain.loss import bradley_terry_loss, pair_stats
 from rmtrain.model import RewardModel, batch_rewards
 
@@ -22,14 +23,16 @@ def gather_per_item(accelerator, *values: torch.Tensor, key: torch.Tensor) -> tu
     """
     if accelerator.num_processes == 1:
         return (key, *values)
-    stacked = torch.stack([key.to(values[0].dtype), *values], dim=1)  # [items, 1 + k]
-    padded = accelerator.pad_across_processes(stacked, dim=0, pad_index=-1)
-    count = accelerator.gather(torch.tensor([stacked.shape[0]], device=stacked.device))
-    gathered = accelerator.gather(padded)
-    width = padded.shape[0]
-    keep = torch.cat([torch.arange(i * width, i * width + int(n), device=gathered.device) for i, n in enumerate(count)])
-    gathered = gathered[keep]
-    return (gathered[:, 0].long(), *gathered[:, 1:].unbind(dim=1))
+    count = accelerator.gather(torch.tensor([key.shape[0]], device=key.device))
+
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        padded = accelerator.pad_across_processes(tensor, dim=0, pad_index=-1)
+        gathered, width = accelerator.gather(padded), padded.shape[0]
+        keep = torch.cat([torch.arange(i * width, i * width + int(n), device=gathered.device) for i, n in enumerate(count)])
+        return gathered[keep]
+
+    # Keys are gathered as integers (a float would round pair keys), the values in one float tensor.
+    return (gather(key), *gather(torch.stack(values, dim=1)).unbind(dim=1))
 
 
 def first_occurrences(keys: torch.Tensor, seen: set[int]) -> torch.Tensor:
@@ -83,23 +86,28 @@ def group_rewards(accelerator, model, rm: RewardModel, scored: InferenceSet) -> 
 
 
 def pair_values(groups: list[Group], rewards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per pair: source row, chosen and rejected rewards, and the Bradley-Terry loss (margins included)."""
-    rows, chosen, rejected, margins = [], [], [], []
+    """Per pair: source row, the (better, worse) completion indices in their row, chosen and rejected rewards,
+    the Bradley-Terry loss (the data's margins included), and each response's tokens after the row's common
+    prefix (the prompt never counts)."""
+    columns: dict[str, list] = {k: [] for k in ("row", "better", "worse", "chosen", "rejected", "margin", "chosen_tokens", "rejected_tokens")}
     for g, r in zip(groups, rewards):
         for p, (better, worse) in enumerate(g.pairs):
-            rows.append(g.row)
-            chosen.append(r[better])
-            rejected.append(r[worse])
-            margins.append(g.margins[p] if g.margins is not None else 0.0)
-    chosen_t, rejected_t = torch.stack(chosen), torch.stack(rejected)
-    loss = bradley_terry_loss(chosen_t, rejected_t, torch.tensor(margins, dtype=torch.float32))
-    return {"row": torch.tensor(rows, dtype=torch.long), "chosen": chosen_t, "rejected": rejected_t, "loss": loss}
+            for key, value in (("row", g.row), ("better", better), ("worse", worse), ("chosen", r[better]), ("rejected", r[worse]),
+                               ("margin", g.margins[p] if g.margins is not None else 0.0),
+                               ("chosen_tokens", len(g.completions[better])), ("rejected_tokens", len(g.completions[worse]))):
+                columns[key].append(value)
+    values = {k: torch.tensor(v, dtype=torch.long) for k, v in columns.items() if k not in ("chosen", "rejected", "margin")}
+    values["chosen"], values["rejected"] = torch.stack(columns["chosen"]), torch.stack(columns["rejected"])
+    values["loss"] = bradley_terry_loss(values["chosen"], values["rejected"], torch.tensor(columns["margin"], dtype=torch.float32))
+    return values
 
 
-def evaluate_pairs(
-    accelerator, model, rm: RewardModel, scored: InferenceSet, center_rewards_coefficient: float | None = None
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics over every pair of `scored`, and the per-pair values they come from."""
-    per_pair = pair_values(scored.groups, group_rewards(accelerator, model, rm, scored))
-    stats = pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"], center_rewards_coefficient)
-    return stats, per_pair
+def evaluate_pairs(accelerator, model, rm: RewardModel, scored: InferenceSet) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics over every pair of `scored` (and, for ranked lists, top-1 accuracy and Kendall's tau), and the
+    per-pair values they come from; `per_pair["group_rewards"]` holds each group's rewards."""
+    rewards = group_rewards(accelerator, model, rm, scored)
+    per_pair = pair_values(scored.groups, rewards)
+    metrics = pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"])
+    if any(g.scores is not None for g in scored.groups):
+        metrics |= list_stats([g.scores for g in scored.groups], rewards)
+    return metrics, per_pair | {"group_rewards": rewards}

@@ -11,16 +11,16 @@ from typing import Any
 
 import torch
 
-from rmtrain.batching import LengthGroupedBatchSampler, choose_layout, collate_for, token_counts, training_loader
+from rmtrain.batching import PAIR_KEY, LengthGroupedBatchSampler, choose_layout, collate_for, token_counts, training_loader
 from rmtrain.budget import auto_tokens_per_forward, inference_tokens_per_forward
 from rmtrain.config import Recipe, TrainConfig, dump_recipe
-from rmtrain.data import Group, load_pairs, read_splits, token_ids
+from rmtrain.data import Group, load_groups, read_splits, token_ids
 from rmtrain.embedding import seen_rows_count, train_seen_rows_only
 from rmtrain.engine import check_engine, is_deepspeed, is_sharded, make_accelerator, sum_over_processes
 from rmtrain.errors import NonFiniteLossError, ResourceError
 from rmtrain.faults import StopRequest, interrupted_message, is_out_of_memory, nonfinite_message, out_of_memory_message
 from rmtrain.log import RunLog, Throughput
-from rmtrain.loss import bradley_terry_loss, objective, pair_stats
+from rmtrain.loss import Objective, pair_stats
 from rmtrain.model import RewardModel, batch_rewards, load_reward_model
 from rmtrain.runs import (
     TrainState,
@@ -55,7 +55,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     set_seed(t.seed)
     rows = read_splits(recipe.data)  # a bad data file fails before the model loads
     rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing)
-    train_groups, eval_groups, preflight = load_pairs(recipe.data, rm.tokenizer, rm.fmt, t.seed, rows)
+    train_groups, eval_groups, preflight = load_groups(recipe.data, rm.tokenizer, rm.fmt, t.seed, rows)
     for stats in preflight:
         log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
     if is_main:
@@ -82,10 +82,10 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps), num_training_steps=total_steps
     )
     accelerator.register_for_checkpointing(scheduler)
-    per_step = accelerator.num_processes * t.per_device_batch_size * t.gradient_accumulation_steps
+    per_step, kind = accelerator.num_processes * t.per_device_batch_size * t.gradient_accumulation_steps, preflight[0].kind
     log.info(
-        f"{len(train_groups)} training pairs, {accelerator.num_processes} x {t.per_device_batch_size} pairs x "
-        f"{t.gradient_accumulation_steps} accumulation = {per_step} pairs per step, {steps_per_epoch} steps per epoch, "
+        f"{len(train_groups)} training {kind}, {accelerator.num_processes} x {t.per_device_batch_size} {kind} x "
+        f"{t.gradient_accumulation_steps} accumulation = {per_step} {kind} per step, {steps_per_epoch} steps per epoch, "
         f"{total_steps} steps"
     )
     state = TrainState(seen_embedding_rows=seen_rows_count(rm.model))
@@ -98,7 +98,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
 
     # Loop ---------------------------------------------------------------------------------------
-    metrics = StepMetrics(accelerator, t.center_rewards_coefficient)
+    metrics = StepMetrics(accelerator, t, lists=any(len(g.completions) > 2 for g in train_groups))
     stop = StopRequest(log)
     last_eval: dict[str, float] | None = None
     saved_step, in_a_row, skip = state.step, 0, False
@@ -142,7 +142,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                         log.metrics("train", state.step, values | extra)
                 if eval_set is not None and t.eval_steps and state.step % t.eval_steps == 0 and state.step != total_steps:
                     with metrics.speed.paused():
-                        last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set, t.center_rewards_coefficient)
+                        last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set)
                     log.metrics("eval", state.step, last_eval)
                 if t.save_steps and state.step % t.save_steps == 0 and state.step != total_steps and not in_a_row:
                     with metrics.speed.paused():
@@ -162,16 +162,17 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     # Final evaluation and save ------------------------------------------------------------------
     if eval_set is not None:
-        last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set, t.center_rewards_coefficient)
+        last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set)
         log.metrics("eval", state.step, last_eval)
-        log.table(f"final eval ({len(eval_groups)} pairs)", last_eval)
+        log.table(f"final eval ({len(eval_groups)} {preflight[-1].kind})", last_eval)
     save_final(accelerator, model, rm, recipe, out)
     info = {
         "complete": True,
         "num_processes": accelerator.num_processes,
         "steps": state.step,
-        "train_pairs": len(train_groups),
-        "eval_pairs": len(eval_groups) if eval_groups else 0,
+        "train_pairs": sum(len(g.pairs) for g in train_groups),
+        "eval_pairs": sum(len(g.pairs) for g in eval_groups) if eval_groups else 0,
+        **({"train_lists": len(train_groups)} if kind == "lists" else {}),
         "max_tokens_per_forward": batches.max_tokens_per_forward,  # resolved when the recipe says auto
         "final_eval": last_eval,
         "train": metrics.speed.totals(),
@@ -200,7 +201,7 @@ class Batches:
 
 def plan_batches(accelerator, rm: RewardModel, t: TrainConfig, bf16: bool, groups: list[Group], log: RunLog) -> Batches:
     """The batch layout, the pass budget and the training loader, with the pre-flight line that says what they compute."""
-    layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free)
+    layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free, t.prefix_attention)
     if note:
         log.info(note)
     budget, budget_note = t.max_tokens_per_forward, ""
@@ -262,52 +263,61 @@ class PassOutOfMemory(RuntimeError):
 class BatchResult:
     """What `train_step` computed, this process's pairs only."""
 
-    rows: torch.Tensor
+    keys: torch.Tensor
+    """Each pair's key (row * PAIR_KEY + its index in the row)."""
     chosen: torch.Tensor
     rejected: torch.Tensor
     loss: torch.Tensor
-    """Bradley-Terry loss per pair (margins included), detached."""
+    """Bradley-Terry loss per pair (the data's margins included), detached."""
+    objective: torch.Tensor
+    """The batch's objective summed with its weights (detached): divided by `weight`, what is minimised."""
+    weight: int
     skip: bool
     """The optimizer step this batch belongs to is skipped: a pass was non-finite, on some process."""
-    real_tokens: torch.Tensor | int
-    computed_tokens: int
+    counts: list
+    """Real tokens (a device tensor), computed tokens, rows with pairs, completions."""
 
 
-def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict[str, torch.Tensor]], t: TrainConfig, skip: bool = False) -> BatchResult:
+def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict[str, Any]], t: TrainConfig, skip: bool = False) -> BatchResult:
     """One batch, computed in its passes, then, at the end of an accumulated step, the optimizer step.
 
-    Each pass backpropagates its pairs' summed objective times `num_processes / global_pairs`: summed over
-    passes and averaged over processes (DDP's all-reduce on the last pass), that is the gradient of the
-    mean objective over every pair of the global batch, however the pairs are split into passes and
-    processes. A pass whose objective is not finite gets no backward, and then neither does any pass of
-    its step on any process (they agree before the last pass's backward, which all-reduces and, under
-    DeepSpeed, steps); the step is skipped and its gradients dropped. `skip` carries that across the
-    batches of an accumulated step.
+    Each pass backpropagates its objective (summed over its pairs, or rows, with their weights) times
+    `num_processes / global weight`: summed over passes and averaged over processes (DDP's all-reduce on the
+    last pass), that is the gradient of the objective's mean over the global batch, however it is split into
+    passes and processes. A row too long for one pass is computed in chunks of its completions
+    (`backward_in_chunks`). A pass whose objective is not finite gets no backward, and then neither does any
+    pass of its step on any process (they agree before the last pass's backward, which all-reduces and, under
+    DeepSpeed, steps); the step is skipped and its gradients dropped. `skip` carries that across the batches
+    of an accumulated step.
     """
-    rows, chosen_parts, rejected_parts, losses = [], [], [], []
-    real_tokens, computed = 0, 0
+    objective = Objective.of(t)
+    keys, chosen_parts, rejected_parts, losses, objectives = [], [], [], [], []
+    counts = [0, 0, 0, 0]
     batch = None
     try:
         with accelerator.accumulate(model):
-            global_pairs = sum_over_processes(accelerator, sum(len(p["row"]) for p in passes))
+            weight = sum(objective.weight(p) for p in passes)
+            scale = accelerator.num_processes / max(sum_over_processes(accelerator, weight), 1)
             for i, batch in enumerate(passes):
                 last = i == len(passes) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    rewards = batch_rewards(model, rm, batch)
-                    chosen, rejected = rewards[batch["pair_index"]].unbind(1)
-                    loss = bradley_terry_loss(chosen, rejected, batch.get("margin"))
-                    minimised = objective(loss, chosen, rejected, t.center_rewards_coefficient)
-                    skip = skip or not bool(torch.isfinite(minimised).all())
-                    if last:
-                        skip = sum_over_processes(accelerator, int(skip)) > 0
-                    if not skip:
-                        accelerator.backward(minimised.sum() * accelerator.num_processes / global_pairs)
-                rows.append(batch["row"])
+                if "chunks" in batch:
+                    skip, values = backward_in_chunks(accelerator, model, rm, batch, objective, scale, last, skip)
+                else:
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        values = objective.total(batch_rewards(model, rm, batch), batch)
+                        skip = skip or not bool(torch.isfinite(values[0]))
+                        if last:
+                            skip = sum_over_processes(accelerator, int(skip)) > 0
+                        if not skip:
+                            accelerator.backward(values[0] * scale)
+                minimised, chosen, rejected, loss = values
+                keys.append(batch["pair_key"])
                 chosen_parts.append(chosen.detach())
                 rejected_parts.append(rejected.detach())
                 losses.append(loss.detach())
-                real_tokens += batch["real_tokens"]  # a device tensor: int() would wait for the GPU every pass
-                computed += batch["input_ids"].numel()
+                objectives.append(minimised.detach())
+                for j, n in enumerate(pass_counts(batch)):
+                    counts[j] += n
             if accelerator.sync_gradients and t.max_grad_norm and not skip:
                 norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
@@ -317,9 +327,46 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
             optimizer.zero_grad(set_to_none=True)  # at a skipped step: drops the accumulated gradients
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if is_out_of_memory(error):
-            raise PassOutOfMemory(batch) from None
+            raise PassOutOfMemory(batch["chunks"][0] if batch and "chunks" in batch else batch) from None
         raise
-    return BatchResult(torch.cat(rows), torch.cat(chosen_parts), torch.cat(rejected_parts), torch.cat(losses), skip, real_tokens, computed)
+    return BatchResult(torch.cat(keys), torch.cat(chosen_parts), torch.cat(rejected_parts), torch.cat(losses),
+                       torch.stack(objectives).sum(), weight, skip, counts)
+
+
+def backward_in_chunks(accelerator, model, rm: RewardModel, item: dict[str, Any], objective: Objective, scale: float, last: bool, skip: bool):
+    """A row too long for one pass, in chunks of its completions (each with the prompt): the rewards of all
+    chunks first, without a graph; the objective and its gradient with respect to those rewards; then each
+    chunk again with a graph, backpropagating its rewards times that gradient. The objective depends on the
+    model only through the rewards, so this is its exact gradient, for any loss over the whole list, at the
+    cost of one more forward per chunk."""
+    with torch.no_grad():
+        rewards = torch.cat([batch_rewards(model, rm, chunk) for chunk in item["chunks"]])
+    rewards.requires_grad_(True)
+    values = objective.total(rewards, item)
+    skip = skip or not bool(torch.isfinite(values[0]))
+    if last:
+        skip = sum_over_processes(accelerator, int(skip)) > 0
+    if not skip:
+        (gradient,) = torch.autograd.grad(values[0] * scale, rewards)
+        start = 0
+        for j, chunk in enumerate(item["chunks"]):
+            n = chunk["num_completions"]
+            final = last and j == len(item["chunks"]) - 1
+            with contextlib.nullcontext() if final else accelerator.no_sync(model):
+                accelerator.backward((batch_rewards(model, rm, chunk) * gradient[start : start + n]).sum())
+            start += n
+    return skip, tuple(v.detach() for v in values)
+
+
+def pass_counts(batch: dict[str, Any]) -> tuple:
+    """(real tokens, computed tokens, rows with pairs, completions) of a pass; a chunked row counts its
+    chunks' tokens twice (they are computed twice)."""
+    if "chunks" in batch:
+        real = sum(chunk["real_tokens"] for chunk in batch["chunks"])
+        computed = 2 * sum(chunk["input_ids"].numel() for chunk in batch["chunks"])
+    else:  # real_tokens is a device tensor: int() would wait for the GPU every pass
+        real, computed = batch["real_tokens"], batch["input_ids"].numel()
+    return real, computed, batch["num_groups"], batch["num_completions"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,32 +376,35 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
 class StepMetrics:
     """Per-pair values of every process, gathered once per batch (processes may split their batches into
     different numbers of passes), held until their optimizer step is kept or skipped, then pooled until the
-    next log line. Each pair counts once per epoch (Accelerate repeats pairs to even out plain batches)."""
+    next log line. Each pair counts once per epoch (Accelerate repeats pairs to even out plain batches).
+    `objective` is logged beside `loss` when they can differ."""
 
-    def __init__(self, accelerator, center_rewards_coefficient: float | None):
+    def __init__(self, accelerator, t: TrainConfig, lists: bool):
         self.accelerator = accelerator
-        self.center_rewards_coefficient = center_rewards_coefficient
-        self.pending: list[tuple[torch.Tensor, ...]] = []
-        self.window: list[tuple[torch.Tensor, ...]] = []
-        self.tokens = [0, 0]  # real, computed: this process's since the last log line
+        objective = Objective.of(t)
+        self.report_objective = bool(t.center_rewards_coefficient) or (lists and (not objective.per_pair or t.list_margins))
+        self.pending: list[tuple] = []
+        self.window: list[tuple] = []
+        self.sums = [0.0] * 6  # this process's real, computed tokens, rows, completions, objective, weight
         self.seen: set[int] = set()
-        self.speed = Throughput()
+        self.speed = Throughput(lists=lists)
 
     def new_epoch(self) -> None:
         self.seen = set()
 
     def add(self, result: BatchResult) -> bool:
         """Record a batch; returns whether its step is skipped (as `train_step` said)."""
-        self.pending.append(gather_per_item(self.accelerator, result.chosen, result.rejected, result.loss, key=result.rows))
-        self.tokens[0] += result.real_tokens
-        self.tokens[1] += result.computed_tokens
+        gathered = gather_per_item(self.accelerator, result.chosen, result.rejected, result.loss, key=result.keys)
+        self.pending.append((gathered, [*result.counts, result.objective, result.weight]))
         return result.skip
 
     def end_step(self, kept: bool) -> list[int]:
-        """Close an optimizer step: its pairs join the window if it was kept. Returns its 1-based source rows."""
-        rows = sorted({int(r) + 1 for values in self.pending for r in values[0].tolist()})
+        """Close an optimizer step: its values join the window if it was kept. Returns its 1-based source rows."""
+        rows = sorted({int(k) // PAIR_KEY + 1 for values, _ in self.pending for k in values[0].tolist()})
         if kept:
-            self.window.extend(self.pending)
+            self.window.extend(values for values, _ in self.pending)
+            for _, sums in self.pending:
+                self.sums = [a + b for a, b in zip(self.sums, sums)]
         self.pending = []
         return rows
 
@@ -362,10 +412,14 @@ class StepMetrics:
         """Metrics of the pairs since the last call, with throughput; None when no step was kept since."""
         if not self.window:
             return None
-        counts = self.accelerator.reduce(torch.stack([torch.as_tensor(n, device=self.accelerator.device) for n in self.tokens]), "sum")
-        row, chosen, rejected, loss = (torch.cat(parts) for parts in zip(*self.window))
-        first = first_occurrences(row, self.seen).to(chosen.device)
-        self.speed.add(int(first.sum()), int(counts[0]), int(counts[1]))
-        values = pair_stats(chosen[first], rejected[first], loss[first], self.center_rewards_coefficient)
-        self.window, self.tokens = [], [0, 0]
+        device = self.accelerator.device
+        sums = self.accelerator.reduce(torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64) for v in self.sums]), "sum")
+        key, chosen, rejected, loss = (torch.cat(parts) for parts in zip(*self.window))
+        first = first_occurrences(key, self.seen).to(chosen.device)
+        real, computed, rows, completions, objective_sum, weight = sums.tolist()
+        self.speed.add(int(first.sum()), int(real), int(computed), int(rows), int(completions))
+        values = pair_stats(chosen[first], rejected[first], loss[first])
+        if self.report_objective:
+            values["objective"] = objective_sum / max(weight, 1)
+        self.window, self.sums = [], [0.0] * 6
         return values | self.speed.take_window()

@@ -13,14 +13,14 @@ from rmtrain.batching import (
     group_shape,
 )
 from rmtrain.config import LoraConfig, ModelConfig
-from rmtrain.data import Group, tokenize_pairs
+from rmtrain.data import Group, tokenize_rows
 from rmtrain.model import batch_rewards, load_reward_model
 from tests.conftest import read_jsonl
 
 
 def hh_pairs(rm, shared_data, n=6, max_length=160):
     rows = read_jsonl(shared_data / "hh_harmless_test.jsonl", limit=40)
-    pairs, _ = tokenize_pairs(rows, "hh", rm.tokenizer, rm.fmt, max_length, "filter")
+    pairs, _ = tokenize_rows(rows, "hh", rm.tokenizer, rm.fmt, max_length, "filter")
     return pairs[:n]
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from rmtrain.config import ModelConfig
 from rmtrain.config import DataSource
-from rmtrain.data import tokenize_pairs, truncate_left
+from rmtrain.data import tokenize_rows, truncate_left
 from rmtrain.errors import DataError
 from rmtrain.sources import read_rows
 from rmtrain.tokenizer import TokenFormat, load_tokenizer
@@ -28,7 +28,7 @@ def bert_tok(minilm):
 
 def test_standard_implicit_prompt_gets_eos_on_decoders(qwen_tok, qwen_fmt):
     rows = [{"chosen": "Q: hi A: hello", "rejected": "Q: hi A: go away"}]
-    pairs, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    pairs, stats = tokenize_rows(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
     ids = pairs[0].sequence(0)
     assert ids == qwen_tok("Q: hi A: hello" + "<|im_end|>")["input_ids"]
     assert ids[-1] == qwen_tok.eos_token_id
@@ -37,21 +37,21 @@ def test_standard_implicit_prompt_gets_eos_on_decoders(qwen_tok, qwen_fmt):
 
 def test_eos_not_appended_twice(qwen_tok, qwen_fmt):
     rows = [{"chosen": "yes<|im_end|>", "rejected": "no"}]
-    pairs, _ = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    pairs, _ = tokenize_rows(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
     assert pairs[0].sequence(0).count(qwen_tok.eos_token_id) == 1
     assert pairs[0].sequence(1)[-1] == qwen_tok.eos_token_id
 
 
 def test_standard_explicit_prompt_is_prompt_plus_completion(qwen_tok, qwen_fmt):
     rows = [{"prompt": "Q: 2+2? ", "chosen": "4", "rejected": "5", "margin": 1.5}]
-    pairs, _ = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    pairs, _ = tokenize_rows(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
     assert pairs[0].sequence(0) == qwen_tok("Q: 2+2? 4<|im_end|>")["input_ids"]
     assert pairs[0].margins == [1.5]
 
 
 def test_encoders_get_their_special_tokens_and_no_eos(bert_tok):
     fmt = TokenFormat(append_eos=None, pad_token_id=bert_tok.pad_token_id, is_encoder=True)
-    pairs, _ = tokenize_pairs([{"chosen": "good answer", "rejected": "bad answer"}], "t", bert_tok, fmt, 64, "filter")
+    pairs, _ = tokenize_rows([{"chosen": "good answer", "rejected": "bad answer"}], "t", bert_tok, fmt, 64, "filter")
     ids = pairs[0].sequence(0)
     assert ids[0] == bert_tok.cls_token_id and ids[-1] == bert_tok.sep_token_id
     assert ids == bert_tok("good answer")["input_ids"]
@@ -62,8 +62,8 @@ def test_conversational_implicit_and_explicit_prompt_render_the_same(qwen_tok, q
     good, bad = {"role": "assistant", "content": "Blue."}, {"role": "assistant", "content": "No."}
     implicit = [{"chosen": [user, good], "rejected": [user, bad]}]
     explicit = [{"prompt": [user], "chosen": [good], "rejected": [bad]}]
-    a, _ = tokenize_pairs(implicit, "t", qwen_tok, qwen_fmt, 64, "filter")
-    b, _ = tokenize_pairs(explicit, "t", qwen_tok, qwen_fmt, 64, "filter")
+    a, _ = tokenize_rows(implicit, "t", qwen_tok, qwen_fmt, 64, "filter")
+    b, _ = tokenize_rows(explicit, "t", qwen_tok, qwen_fmt, 64, "filter")
     assert a[0].sequence(0) == b[0].sequence(0)
     want = qwen_tok.apply_chat_template([user, good], tokenize=True, return_dict=True)["input_ids"]
     assert a[0].sequence(0) == want
@@ -81,22 +81,22 @@ def test_truncate_left_keeps_frame_tokens_and_the_end():
 def test_filter_drops_long_pairs_and_truncate_keeps_them(qwen_tok, qwen_fmt, bert_tok):
     long = "word " * 50
     rows = [{"chosen": long + "yes", "rejected": "no"}, {"chosen": "a", "rejected": "b"}]
-    kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 16, "filter")
+    kept, stats = tokenize_rows(rows, "t", qwen_tok, qwen_fmt, 16, "filter")
     assert len(kept) == 1 and stats.too_long == 1
     assert "1 dropped (longer than 16 tokens)" in stats.line("filter", 16)
-    kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 16, "truncate")
+    kept, stats = tokenize_rows(rows, "t", qwen_tok, qwen_fmt, 16, "truncate")
     assert len(kept) == 2 and stats.truncated == 1
     chosen = kept[0].sequence(0)
     assert len(chosen) == 16 and chosen[-1] == qwen_tok.eos_token_id
     assert qwen_tok.decode(chosen).endswith("word yes<|im_end|>")
     fmt = TokenFormat(append_eos=None, pad_token_id=bert_tok.pad_token_id, is_encoder=True)
-    kept, _ = tokenize_pairs(rows, "t", bert_tok, fmt, 16, "truncate")
+    kept, _ = tokenize_rows(rows, "t", bert_tok, fmt, 16, "truncate")
     assert kept[0].sequence(0)[0] == bert_tok.cls_token_id and kept[0].sequence(0)[-1] == bert_tok.sep_token_id
 
 
 def test_identical_pairs_are_dropped_and_counted(qwen_tok, qwen_fmt):
     rows = [{"chosen": "same", "rejected": "same"}, {"chosen": "a", "rejected": "b"}]
-    kept, stats = tokenize_pairs(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
+    kept, stats = tokenize_rows(rows, "t", qwen_tok, qwen_fmt, 64, "filter")
     assert len(kept) == 1 and stats.identical == 1
     assert "1 dropped (chosen == rejected)" in stats.line("filter", 64)
 
@@ -111,7 +111,7 @@ def test_identical_pairs_are_dropped_and_counted(qwen_tok, qwen_fmt):
 )
 def test_bad_rows_are_named(qwen_tok, qwen_fmt, row, message):
     with pytest.raises(DataError) as info:
-        tokenize_pairs([row], "pairs.jsonl", qwen_tok, qwen_fmt, 64, "filter")
+        tokenize_rows([row], "pairs.jsonl", qwen_tok, qwen_fmt, 64, "filter")
     assert message in str(info.value)
     assert str(info.value).startswith("pairs.jsonl: row 1")
 
@@ -136,7 +136,7 @@ def test_read_rows_columns_where_skip_limit(tmp_path):
 def test_real_files_of_every_shape(shared_data, qwen_tok, qwen_fmt, file, explicit, conversational):
     rows = read_jsonl(shared_data / file, limit=40)
     assert ("prompt" in rows[0]) == explicit and isinstance(rows[0]["chosen"], list) == conversational
-    pairs, stats = tokenize_pairs(rows, file, qwen_tok, qwen_fmt, 4096, "filter")
+    pairs, stats = tokenize_rows(rows, file, qwen_tok, qwen_fmt, 4096, "filter")
     assert stats.read == 40 and len(pairs) + stats.identical == 40
     for pair in pairs:
         # Standard text ends with the appended EOS; ChatML renders "<|im_end|>\n" after the last turn.
@@ -151,6 +151,6 @@ def test_real_files_of_every_shape(shared_data, qwen_tok, qwen_fmt, file, explic
 def test_conversational_implicit_from_real_rows(shared_data, qwen_tok, qwen_fmt):
     rows = read_jsonl(shared_data / "llamafactory_dpo_en_demo.jsonl", limit=10)
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
-    a, _ = tokenize_pairs(rows, "x", qwen_tok, qwen_fmt, 4096, "filter")
-    b, _ = tokenize_pairs(implicit, "x", qwen_tok, qwen_fmt, 4096, "filter")
+    a, _ = tokenize_rows(rows, "x", qwen_tok, qwen_fmt, 4096, "filter")
+    b, _ = tokenize_rows(implicit, "x", qwen_tok, qwen_fmt, 4096, "filter")
     assert [p.sequence(0) for p in a] == [p.sequence(0) for p in b]

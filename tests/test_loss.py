@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from rmtrain.loss import bradley_terry_loss, last_token_index, objective, pair_stats
+from rmtrain.loss import Objective, bradley_terry_loss, last_token_index, pair_stats
 
 
 def nll(x):
@@ -28,16 +28,18 @@ def test_margin_is_subtracted():
 
 
 def test_centering_term_matches_trl():
+    from rmtrain.batching import targets
+    from rmtrain.data import Group
+
     chosen, rejected = torch.tensor([1.0, -3.0]), torch.tensor([2.0, 1.0])
-    got = objective(bradley_terry_loss(chosen, rejected), chosen, rejected, center_rewards_coefficient=0.01).mean()
+    batch = targets([Group.of(0, [[1, 2], [1, 3]], [(0, 1)]), Group.of(1, [[4, 5], [4, 6]], [(0, 1)])])
+    rewards = torch.stack([chosen, rejected], dim=1).reshape(-1)  # group by group: chosen, rejected
+    total, _, _, loss = Objective(center_rewards_coefficient=0.01).total(rewards, batch)
     want = (nll(-1.0) + nll(-4.0)) / 2 + 0.01 * ((1 + 2) ** 2 + (-3 + 1) ** 2) / 2
-    assert abs(got.item() - want) < 1e-6
-    loss = bradley_terry_loss(chosen, rejected)
-    assert torch.equal(objective(loss, chosen, rejected, center_rewards_coefficient=None), loss)
-    # `loss` in the metrics is the Bradley-Terry loss; `objective` adds the centering term, only when it is set.
-    stats = pair_stats(chosen, rejected, loss, center_rewards_coefficient=0.01)
-    assert abs(stats["loss"] - (nll(-1.0) + nll(-4.0)) / 2) < 1e-6 and abs(stats["objective"] - want) < 1e-6
-    assert "objective" not in pair_stats(chosen, rejected, loss)
+    assert abs(total.item() / 2 - want) < 1e-6
+    # `loss` (what metrics report) is the Bradley-Terry loss alone; without a coefficient the objective is it.
+    assert torch.allclose(loss, bradley_terry_loss(chosen, rejected))
+    assert abs(Objective().total(rewards, batch)[0].item() - loss.sum().item()) < 1e-6
 
 
 def test_loss_is_large_for_confidently_wrong_pairs_without_overflow():

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rmtrain.config import load_recipe
-from rmtrain.data import tokenize_pairs
+from rmtrain.data import tokenize_rows
 from rmtrain.evaluate import run_eval
 from rmtrain.errors import ExportError, ModelError
-from rmtrain.export import export_model, pair_rewards
+from rmtrain.export import export_model, rewards_of
 from rmtrain.saved import load_saved
 from rmtrain.score import run_score
 from rmtrain.train import fit
@@ -83,7 +83,7 @@ def test_score_gives_the_rewards_eval_computes(run_name, request, tmp_path, shar
     metrics = run_eval(str(run), str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
     # Exactly the pairs eval kept (max_length 256, filter), each side as one text row.
     rm, max_length = load_saved(run)
-    pairs, _ = tokenize_pairs(rows, "pairs", rm.tokenizer, rm.fmt, max_length, "filter")
+    pairs, _ = tokenize_rows(rows, "pairs", rm.tokenizer, rm.fmt, max_length, "filter")
     kept = [rows[p.row] for p in pairs]
     texts = [{"text": r["chosen"]} for r in kept] + [{"text": r["rejected"]} for r in kept]
     texts_file = write_jsonl(tmp_path / "texts.jsonl", texts)
@@ -113,27 +113,27 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     # Conversational pairs (explicit prompt): as prompt + completion message lists, or as whole conversations.
     chat = read_jsonl(shared_data / "llamafactory_dpo_en_demo.jsonl", limit=3)
     chat = [r for r in chat if len(rm.tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False)) < 2000]
-    pairs, _ = tokenize_pairs(chat, "chat", rm.tokenizer, rm.fmt, 10_000, "filter")
-    ours = torch.cat(pair_rewards(rm, pairs)).tolist()
+    pairs, _ = tokenize_rows(chat, "chat", rm.tokenizer, rm.fmt, 10_000, "filter")
+    ours = torch.stack(rewards_of(rm, pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
     as_completion = score_file(qwen_run, [{"prompt": r["prompt"], "completion": r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "pc", max_length=10_000)
     as_messages = score_file(qwen_run, [{"messages": r["prompt"] + r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "msg", max_length=10_000, in_order=True)
     assert max(abs(a - b) for a, b in zip(as_completion, ours)) < 1e-5
     assert as_messages == as_completion
     # Standard text with an explicit prompt, the completion under either name.
     uf = [{k: r[k][:400] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(shared_data / "ultrafeedback_binarized_sample.jsonl", limit=3)]
-    pairs, _ = tokenize_pairs(uf, "uf", rm.tokenizer, rm.fmt, 10_000, "filter")
-    ours = torch.cat(pair_rewards(rm, pairs)).tolist()
+    pairs, _ = tokenize_rows(uf, "uf", rm.tokenizer, rm.fmt, 10_000, "filter")
+    ours = torch.stack(rewards_of(rm, pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
     rows = [{"prompt": r["prompt"], ("response" if i % 2 else "completion"): r[s]} for s in ("chosen", "rejected") for i, r in enumerate(uf)]
     assert max(abs(a - b) for a, b in zip(score_file(qwen_run, rows, tmp_path, "uf"), ours)) < 1e-5
     # Longer than --max-length: the start is cut, as eval's `--truncation truncate` cuts it.
-    cut_pairs, _ = tokenize_pairs(uf, "uf", rm.tokenizer, rm.fmt, 24, "truncate")
+    cut_pairs, _ = tokenize_rows(uf, "uf", rm.tokenizer, rm.fmt, 24, "truncate")
     assert [p.row for p in cut_pairs] == list(range(len(uf)))
     out = tmp_path / "cut.jsonl"
     run_score(str(qwen_run), str(write_jsonl(tmp_path / "cut_in.jsonl", rows[: len(uf)])), str(out), max_length=24, in_order=True)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["row"] for line in lines] == list(range(1, len(uf) + 1))
     assert all(line["truncated"] and line["tokens"] == 24 for line in lines)
-    cut_chosen = pair_rewards(rm, cut_pairs)[0].tolist()
+    cut_chosen = [r[0].item() for r in rewards_of(rm, cut_pairs)]
     assert max(abs(line["reward"] - r) for line, r in zip(lines, cut_chosen)) < 1e-5
     # --field picks one column of every row.
     picked = score_file(qwen_run, [{"id": i, "answer": r["prompt"] + r["chosen"]} for i, r in enumerate(uf)], tmp_path, "field", field="answer")

@@ -5,13 +5,12 @@ last token ids of chosen and rejected), so one SGD step of learning rate 1 from 
 (a - b) / 2 over the pairs whose gradient the step took: a direct read-out of how the loss was scaled.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
-from rmtrain.batching import collate_passes, collate_plain
+from rmtrain.batching import PAIR_KEY, collate_passes, collate_plain
+from rmtrain.config import TrainConfig
 from rmtrain.data import Group
 from rmtrain.model import RewardModel
 from rmtrain.tokenizer import TokenFormat
@@ -60,7 +59,7 @@ def setup():
     rm = RewardModel(model, None, TokenFormat(None, 0, False), model.score, "score")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train = SimpleNamespace(center_rewards_coefficient=None, max_grad_norm=None)
+    train = TrainConfig(output_dir="unused", max_grad_norm=None)
     yield accelerator, model, optimizer, rm, train
     from accelerate.state import AcceleratorState, GradientState
 
@@ -82,7 +81,7 @@ def test_two_passes_of_unequal_size_give_the_mean_over_the_batch(setup):
     # The mean over the 4 pairs: (2 + 4 + 6 + 20) / 2 / 4 = 4. Averaging the two passes' means would give
     # ((2 + 4 + 6) / 3 / 2 + 20 / 2) / 2 = 6, and summing them 12.
     assert w(model) == pytest.approx(4.0)
-    assert result.rows.tolist() == [0, 1, 2, 3]
+    assert (result.keys // PAIR_KEY).tolist() == [0, 1, 2, 3]  # each pair named by its row
     assert result.loss.tolist() == pytest.approx([0.6931472] * 4)  # log 2 at w = 0
     # The passes collate_passes cuts under a token budget (2 pairs of 2 x 2 tokens each) train the same step.
     budgeted = collate_passes(groups, lambda g: collate_plain(g, 0), "plain", max_tokens=8)
