@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from rmtrain.errors import DataError, ExportError, UserError
+from rmtrain.errors import DataError, ExportError, UserError, require_extra
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate reward models for RLHF.")
 
@@ -139,7 +139,7 @@ def export(
     normalize: bool = typer.Option(False, "--normalize", help="Fold the eval rewards' mean and std into the head: rewards become (r - mean) / std."),
     data: Optional[str] = typer.Option(None, "--data", help="Preference pairs for the statistics and the check, instead of the run's eval set."),
     check: bool = typer.Option(True, "--check/--no-check", help="Reload the folder with plain transformers in a fresh process and compare rewards."),
-    check_pairs: int = typer.Option(16, "--check-pairs", help="Pairs compared by the check."),
+    check_pairs: int = typer.Option(16, "--check-pairs", help="Rows (pairs or lists) compared by the check."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Write a folder that plain AutoModelForSequenceClassification and AutoTokenizer load, checked."""
@@ -151,6 +151,53 @@ def export(
         from rmtrain.export import export_model
 
         export_model(run_dir, out_dir, merge, normalize, data, check, check_pairs)
+
+    _run(debug, action)
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="A finished run or an exported folder (full model or LoRA adapter)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a request may wait for others to share its batch."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Sequences per batch at most."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer inputs keep their last tokens; defaults to the trained length."),
+    share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="Decoders: a group's prompt computed once."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Serve rewards over HTTP for RL workers (OpenRLHF's /get_reward, and /score for prompt + completions)."""
+
+    def action() -> None:
+        if batch_size < 1 or max_wait_ms < 0 or not 0 < port < 65536 or (max_length is not None and max_length < 1):
+            raise DataError("--batch-size and --max-length must be >= 1, --max-wait-ms >= 0, --port between 1 and 65535")
+        tokens = tokens_per_forward(max_tokens)
+        require_extra("serve", ("fastapi", "uvicorn"), "rmtrain serve")  # before anything heavy loads
+        _quiet_libraries()
+        from rmtrain.log import RunLog
+        from rmtrain.serve import serve as run_serve
+
+        run_serve(model, host, port, tokens, max_wait_ms, batch_size, max_length, share_prefix, RunLog())
+
+    _run(debug, action)
+
+
+@app.command()
+def binarize(
+    lists: str = typer.Argument(..., help="Ranked lists: rows with 'completions' and 'scores' (higher is better) or 'ranks' (1 is best)."),
+    out: str = typer.Argument(..., help="Pair rows to write (JSON lines): prompt, chosen, rejected, score_chosen, score_rejected."),
+    pairs: str = typer.Option("all", "--pairs", help="all (every pair with different scores), best-worst (one per list) or best-rest."),
+    split: str = typer.Option("train", "--split", help="Split (Hub datasets)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Turn ranked lists into preference pairs, as pair datasets are made."""
+
+    def action() -> None:
+        from rmtrain.binarize import binarize as run_binarize
+
+        run_binarize(lists, out, pairs, overwrite, split)
 
     _run(debug, action)
 

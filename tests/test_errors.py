@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import sys
 import time
@@ -275,6 +276,34 @@ def nothing_exported(ctx: Ctx) -> None:
     assert not any(p.name.startswith("exported") for p in ctx.tmp.iterdir())
 
 
+LIST_ROWS = [{"prompt": "Q: Name a fruit. A:", "completions": [" An apple.", " A chair.", " Fruit."], "scores": [3, 1, 2]}]
+
+
+def block_fastapi_import(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as without the package (see block_gguf_import)
+
+
+def port_taken(ctx: Ctx) -> list[str]:
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    ctx.before = {"socket": holder}  # kept open while the case runs
+    return ["serve", ctx.models["tiny-qwen3"], "--port", str(holder.getsockname()[1])]
+
+
+def existing_pairs_file(ctx: Ctx) -> list[str]:
+    lists = ctx.data(LIST_ROWS, name="lists.jsonl")
+    out = ctx.data(GOOD_ROWS, name="pairs.jsonl")
+    ctx.before = {"pairs.jsonl": out.read_bytes()}
+    return ["binarize", str(lists), str(out)]
+
+
+def pairs_file_kept(ctx: Ctx) -> None:
+    assert (ctx.tmp / "pairs.jsonl").read_bytes() == ctx.before["pairs.jsonl"]
+
+
 def untouched(ctx: Ctx) -> None:
     assert ctx.before and snapshot(ctx.out) == ctx.before
 
@@ -411,6 +440,23 @@ CASES = [
          lambda c: c.fit(rows=[{**GOOD_ROWS[0], "margin": 1.0}, {**GOOD_ROWS[1], "margin": "big"}]),
          ["<tmp>/pairs.jsonl: row 2: 'margin' must be a finite number, got 'big'; fix the value, "
           "or train without margins with data.*.columns: {margin: null}"]),
+    Case("data-list-without-scores", "Data", "a ranked-list row without `scores` or `ranks`",
+         lambda c: c.fit(rows=[{"prompt": "Q:", "completions": [" a", " b"]}]),
+         ["<tmp>/pairs.jsonl: row 1: a list row needs one of 'scores' or 'ranks', it has no 'scores' (higher is better) or "
+          "'ranks' (1 is best) (map yours with data.*.columns)"]),
+    Case("data-list-scores-length", "Data", "a ranked list with 3 completions and 2 scores",
+         lambda c: c.fit(rows=[{"prompt": "Q:", "completions": [" a", " b", " c"], "scores": [1, 2]}]),
+         ["<tmp>/pairs.jsonl: row 1: 'scores' must hold one value per completion (3), got 2 values"]),
+    Case("data-list-bad-rank", "Data", "`ranks: [1, 0]` (1 is best; 0 is no rank)",
+         lambda c: c.fit(rows=[{"prompt": "Q:", "completions": [" a", " b"], "ranks": [1, 0]}]),
+         ["<tmp>/pairs.jsonl: row 1: ranks[1] must be a whole number >= 1 (1 is best), got 0"]),
+    Case("data-pairs-and-lists", "Data", "row 1 a pair, row 2 a ranked list",
+         lambda c: c.fit(rows=[GOOD_ROWS[0], LIST_ROWS[0]]),
+         ["<tmp>/pairs.jsonl: row 2: is a ranked list of strings but row 1 is standard (strings); use one shape per file"]),
+    Case("data-all-tied", "Data", "every list's completions have equal scores",
+         lambda c: c.fit(rows=[{"prompt": "Q:", "completions": [" a", " b"], "scores": [2, 2]}]),
+         ["train (<tmp>/pairs.jsonl): no list implies a pair (1 read; 1 tied pairs, 0 between identical completions, "
+          "0 completions longer than data.max_length=64); check the scores/ranks columns"]),
     Case("data-eval-empty", "Data", "`data.eval.path` an empty file",
          lambda c: c.fit(data={"eval": {"path": str(c.data([], name="eval.jsonl"))}}),
          ["eval (<tmp>/eval.jsonl): no rows to read; check data.eval.path, where, skip and limit"]),
@@ -461,18 +507,25 @@ CASES = [
 
 CASES += [
     # Model folders given to eval, score and export ---------------------------------------------------
-    Case("eval-not-a-model", "Model folders", "`rmtrain eval` on a folder that holds neither a model nor a run",
+    Case("eval-not-a-model", "eval, score, export, serve, binarize", "`rmtrain eval` on a folder that holds neither a model nor a run",
          lambda c: ["eval", str(notes_folder(c)), "--data", str(c.data())],
          ["<tmp>/notes: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); give a finished run "
           "or a model folder"]),
-    Case("score-missing-folder", "Model folders", "`rmtrain score` on a folder that does not exist",
+    Case("score-missing-folder", "eval, score, export, serve, binarize", "`rmtrain score` on a folder that does not exist",
          lambda c: ["score", str(c.tmp / "no-such-run"), "--data", str(c.data())],
          ["<tmp>/no-such-run: no such model folder; give a finished run or a model folder"]),
-    Case("export-unfinished-run", "Model folders", "`rmtrain export` on a run that has not finished (killed: checkpoints, no final model)",
+    Case("export-unfinished-run", "eval, score, export, serve, binarize", "`rmtrain export` on a run that has not finished (killed: checkpoints, no final model)",
          unfinished_run,
          ["<tmp>/run: a run that has not finished (no final model yet); let it finish, or resume it with rmtrain fit --resume"],
          check=nothing_exported),
-    Case("eval-checkpoint-folder", "Model folders", "`rmtrain eval` on a checkpoint folder instead of its run",
+    Case("serve-without-extra", "eval, score, export, serve, binarize", "`rmtrain serve` without the `serve` extra (FastAPI blocked from importing)",
+         lambda c: ["serve", c.models["tiny-qwen3"]],
+         ["rmtrain serve needs fastapi, which is not installed: pip install 'rmtrain[serve]'"], patch=block_fastapi_import),
+    Case("serve-port-taken", "eval, score, export, serve, binarize", "`rmtrain serve --port P` where another process listens on P",
+         port_taken, ["--host 127.0.0.1 --port <port>: cannot listen there (Address already in use); pick another port"]),
+    Case("binarize-out-exists", "eval, score, export, serve, binarize", "`rmtrain binarize LISTS OUT` where OUT exists, no `--overwrite`",
+         existing_pairs_file, ["<tmp>/pairs.jsonl: exists; pass --overwrite to replace it, or choose another file"], check=pairs_file_kept),
+    Case("eval-checkpoint-folder", "eval, score, export, serve, binarize", "`rmtrain eval` on a checkpoint folder instead of its run",
          lambda c: (unfinished_run(c), ["eval", str(c.out / "checkpoints" / "checkpoint-2"), "--data", str(c.data())])[1],
          ["<tmp>/run/checkpoints/checkpoint-2: a training checkpoint (for --resume), not a model; use the run's folder "
           "once it has finished"], check=untouched),
@@ -526,7 +579,7 @@ def normalise(text: str, ctx: Ctx) -> str:
                     ctx.models["tiny-qwen3"]: "<tiny-qwen3>", ctx.models["smollm2"]: "<smollm2>", str(ROOT): "<repo>"}
     for path in sorted(replacements, key=len, reverse=True):
         text = text.replace(path, replacements[path])
-    return text
+    return re.sub(r"--port \d+", "--port <port>", text)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

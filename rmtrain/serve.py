@@ -1,0 +1,375 @@
+"""`rmtrain serve`: the reward model behind HTTP for RL workers, with dynamic batching.
+
+Endpoints (FastAPI on uvicorn, the `serve` extra):
+- `GET /health`: 200 once the model is loaded.
+- `POST /get_reward`, OpenRLHF's shape: `{"query": [text, ...]}` (`prompts`, `labels` accepted and ignored) ->
+  `{"rewards": [...], "scores": [...], "extra_logs": {}, "truncated": [...]}`. A query is scored as `rmtrain
+  score` scores `{"text": query}`.
+- `POST /score`: `{"prompt": text | messages, "completions": [...]}` -> `{"rewards": [...], "truncated": [...]}`,
+  or `{"groups": [such objects]}` -> lists of lists. Each completion is scored as `rmtrain score` scores
+  `{"prompt", "completion"}`; for decoders a group is one row, prompt + completions, each completion blind to
+  the others (the shared prefix of training), so the prompt is computed once per group.
+
+One worker thread owns the model. Requests are gathered for at most `max_wait_ms` after the first arrives,
+then cut into batches of bounded tokens, longest first (rmtrain.batching's inference batches), and each
+caller gets its own rewards back. Bad input is a 400 with `{"error": "<field>: <what was expected>"}`; out of
+memory on a batch is a 503 for the requests in it, and the server goes on.
+"""
+
+
+import json
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rmtrain.batching import choose_layout, inference_loader
+from rmtrain.data import Group, check_messages, check_no_pad, completion_texts, truncate_left
+from rmtrain.errors import DataError, UserError, require_extra
+from rmtrain.faults import is_out_of_memory
+from rmtrain.model import RewardModel, batch_rewards
+from rmtrain.tokenizer import special_token_frame
+
+
+class BadRequest(ValueError):
+    """A request that cannot be scored: answered 400 with this message."""
+
+
+class Overloaded(RuntimeError):
+    """Out of memory on the batch a request was in: answered 503."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests -> groups
+
+
+@dataclass
+class Scoring:
+    """What a request asks for: groups of sequences to score, and which were cut to max_length."""
+
+    groups: list[Group]
+    truncated: list[list[bool]]
+    nested: bool = False
+    """/score with `groups`: the answer is a list of lists."""
+
+
+class Tokens:
+    """Texts -> token ids exactly as `rmtrain score` makes them (rmtrain.data.completion_texts), cut from the
+    left beyond `max_length`."""
+
+    def __init__(self, rm: RewardModel, max_length: int):
+        self.rm = rm
+        self.max_length = max_length
+        self.frame = special_token_frame(rm.tokenizer)
+
+    def group(self, prompt: Any, completions: list[Any], where: str) -> tuple[Group, list[bool]]:
+        try:
+            texts, add_special = completion_texts(prompt, completions, where, self.rm.tokenizer, self.rm.fmt)
+            ids = self.rm.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+            frame = self.frame if add_special else (0, 0)
+            cut = [len(seq) > self.max_length for seq in ids]
+            ids = [truncate_left(seq, self.max_length, *frame) for seq in ids]
+            for seq in ids:
+                check_no_pad(seq, self.rm.fmt, self.rm.tokenizer, where)
+        except DataError as error:
+            raise BadRequest(str(error)) from None
+        return Group.of(0, ids, []), cut
+
+
+def _completion(value: Any, where: str, shape: str | None) -> str:
+    """The shape of one completion ("text" or "messages"), checked; all of a group must share one."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRequest(f"{where}: empty text")
+        kind = "text"
+    elif isinstance(value, list):
+        try:
+            check_messages(value, where)
+        except DataError as error:
+            raise BadRequest(str(error)) from None
+        kind = "messages"
+    else:
+        raise BadRequest(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
+    if shape is not None and kind != shape:
+        raise BadRequest(f"{where}: is {kind} but the prompt or an earlier completion is {shape}; use one shape per group")
+    return kind
+
+
+def parse_group(body: Any, where: str, tokens: Tokens) -> tuple[Group, list[bool]]:
+    if not isinstance(body, dict):
+        raise BadRequest(f"{where or 'body'}: expected an object with 'prompt' and 'completions'")
+    prefix = f"{where}." if where else ""
+    if "prompt" not in body:
+        raise BadRequest(f"{prefix}prompt: missing (a string or a list of messages)")
+    prompt, completions = body["prompt"], body.get("completions")
+    shape = None
+    if isinstance(prompt, str):
+        shape = "text"
+    elif isinstance(prompt, list):
+        if prompt:
+            _completion(prompt, f"{prefix}prompt", None)
+        shape = "messages"
+    else:
+        raise BadRequest(f"{prefix}prompt: expected a string or a list of messages, got {type(prompt).__name__}")
+    if not isinstance(completions, list) or not completions:
+        got = "missing" if completions is None else f"got {type(completions).__name__}" if not isinstance(completions, list) else "got an empty list"
+        raise BadRequest(f"{prefix}completions: expected a non-empty list of completions, {got}")
+    for i, completion in enumerate(completions):
+        _completion(completion, f"{prefix}completions[{i}]", shape)
+    return tokens.group(prompt, completions, f"{prefix}completions")
+
+
+def parse_score(body: Any, tokens: Tokens) -> Scoring:
+    """A /score body: one group, or `groups`."""
+    if isinstance(body, dict) and "groups" in body:
+        groups = body["groups"]
+        if not isinstance(groups, list) or not groups:
+            raise BadRequest("groups: expected a non-empty list of {prompt, completions} objects")
+        parsed = [parse_group(g, f"groups[{i}]", tokens) for i, g in enumerate(groups)]
+        return Scoring([g for g, _ in parsed], [cut for _, cut in parsed], nested=True)
+    group, cut = parse_group(body, "", tokens)
+    return Scoring([group], [cut])
+
+
+def parse_get_reward(body: Any, tokens: Tokens) -> Scoring:
+    """An OpenRLHF /get_reward body: each query is one whole text, scored as `rmtrain score` scores {"text": query}."""
+    queries = body.get("query") if isinstance(body, dict) else None
+    if not isinstance(queries, list) or not queries:
+        raise BadRequest("query: expected a non-empty list of strings")
+    groups, cuts = [], []
+    for i, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise BadRequest(f"query[{i}]: expected a string, got {type(query).__name__}")
+        if not query.strip():
+            raise BadRequest(f"query[{i}]: empty text")
+        group, cut = tokens.group(None, [query], f"query[{i}]")
+        groups.append(group)
+        cuts.append(cut)
+    return Scoring(groups, cuts)
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker
+
+
+@dataclass
+class Job:
+    groups: list[Group]
+    future: Future = field(default_factory=Future)
+
+
+class Scorer:
+    """One thread owns the model: it gathers the jobs that arrive within `max_wait_s` of the first, scores
+    them in batches of at most `max_sequences` sequences and `max_tokens` tokens, and answers each job."""
+
+    def __init__(self, rm: RewardModel, device, share_prefix: bool, max_tokens: int | None, max_sequences: int, max_wait_s: float):
+        self.rm, self.device = rm, device
+        self.layout, self.mask_format, self.note = choose_layout(rm, share_prefix, padding_free=False)
+        self.max_tokens, self.max_sequences, self.max_wait_s = max_tokens, max_sequences, max_wait_s
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0}
+        self.thread = threading.Thread(target=self._run, name="rmtrain-scorer", daemon=True)
+        self.thread.start()
+
+    def submit(self, groups: list[Group]) -> Future:
+        job = Job(groups)
+        self.jobs.put(job)
+        return job.future
+
+    def stop(self) -> None:
+        """Finish what was submitted, then end the thread."""
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        jobs, deadline = [first], time.monotonic() + self.max_wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self.jobs.get(timeout=left)
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self.jobs.get()
+            if first is None:
+                return
+            jobs, stopping = self._gather(first)
+            self.score(jobs)
+
+    @torch.inference_mode()
+    def score(self, jobs: list[Job]) -> None:
+        groups = [g for job in jobs for g in job.groups]
+        owner = [j for j, job in enumerate(jobs) for g in job.groups for _ in g.completions]  # job of each sequence
+        loader, total = inference_loader(groups, self.layout, self.rm.fmt.pad_token_id, self.mask_format, self.max_sequences, self.max_tokens)
+        rewards = torch.full((total,), float("nan"))
+        failed: set[int] = set()
+        for batch in loader:
+            keys = batch["key"]
+            if any(owner[k] in failed for k in keys.tolist()):
+                continue
+            moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if "segments" in batch:
+                moved["segments"] = {k: v.to(self.device) for k, v in batch["segments"].items()}
+            try:
+                rewards[keys] = batch_rewards(self.rm.model, self.rm, moved).cpu()
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                failed.update(owner[k] for k in keys.tolist())
+                continue
+            self.stats["batches"] += 1
+            self.stats["sequences"] += len(keys)
+            self.stats["computed_tokens"] += batch["input_ids"].numel()
+        start = 0
+        for j, job in enumerate(jobs):
+            size = sum(len(g.completions) for g in job.groups)
+            if j in failed:
+                job.future.set_exception(Overloaded("out of memory on the batch this request was in; retry, or send smaller requests"))
+            else:
+                values = rewards[start : start + size].tolist()
+                out, at = [], 0
+                for g in job.groups:
+                    out.append(values[at : at + len(g.completions)])
+                    at += len(g.completions)
+                job.future.set_result(out)
+            start += size
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP
+
+
+def create_app(scorer: Scorer, tokens: Tokens, announce: str | None = None):
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def read(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+
+    async def answer(request: Request, parse, shape) -> JSONResponse:
+        try:
+            scoring = await run_in_threadpool(parse, await read(request), tokens)
+            rewards = await asyncio.wrap_future(scorer.submit(scoring.groups))
+        except BadRequest as exc:
+            return error(400, str(exc))
+        except Overloaded as exc:
+            return error(503, str(exc))
+        return JSONResponse(shape(scoring, rewards))
+
+    def reward_shape(scoring: Scoring, rewards: list[list[float]]) -> dict:
+        flat = [r[0] for r in rewards]
+        return {"rewards": flat, "scores": flat, "extra_logs": {}, "truncated": [c[0] for c in scoring.truncated]}
+
+    def score_shape(scoring: Scoring, rewards: list[list[float]]) -> dict:
+        if scoring.nested:
+            return {"rewards": rewards, "truncated": scoring.truncated}
+        return {"rewards": rewards[0], "truncated": scoring.truncated[0]}
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if announce:
+            print(announce, flush=True)
+        yield
+        await run_in_threadpool(scorer.stop)  # what was accepted is answered before the process ends
+
+    app = FastAPI(title="rmtrain serve", lifespan=lifespan)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "layout": scorer.layout, **scorer.stats}
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request) -> JSONResponse:
+        return await answer(request, parse_get_reward, reward_shape)
+
+    @app.post("/score")
+    async def score(request: Request) -> JSONResponse:
+        return await answer(request, parse_score, score_shape)
+
+    return app
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); pick another port") from None
+
+
+def _graceful_server():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process ends 128 + signal; a server
+        that stopped cleanly (nothing in flight left unanswered) exits 0 here, as a scheduler expects."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | str | None, max_wait_ms: float,
+          batch_size: int, max_length: int | None, share_prefix: bool, log) -> None:
+    """Load the model, then serve until SIGINT/SIGTERM (which finish what is in flight)."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from rmtrain.budget import inference_tokens_per_forward
+
+    GracefulServer = _graceful_server()
+    from rmtrain.engine import inference_accelerator
+    from rmtrain.saved import folder_kind, load_saved
+
+    require_extra("serve", ("fastapi", "uvicorn"), "rmtrain serve")
+    folder_kind(Path(model_path))
+    check_port(host, port)
+    rm, trained_max_length = load_saved(model_path)
+    device = inference_accelerator().device
+    rm.model.to(device)
+    if max_tokens_per_forward == "auto":
+        max_tokens_per_forward = inference_tokens_per_forward(rm.model, device)
+    scorer = Scorer(rm, device, share_prefix, max_tokens_per_forward, batch_size, max_wait_ms / 1000)
+    tokens = Tokens(rm, max_length or trained_max_length or 1024)
+    log.info(
+        f"rmtrain serve: {model_path} on {device}, {scorer.layout} layout"
+        + (" (segment attention)" if scorer.mask_format == "segments" else "")
+        + f", at most {max_tokens_per_forward or 'unbounded'} tokens and {batch_size} sequences per batch, "
+        f"requests gathered for up to {max_wait_ms:g} ms, max_length {tokens.max_length}"
+    )
+    app = create_app(scorer, tokens, announce=f"listening on http://{host}:{port}")
+    GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)).run()

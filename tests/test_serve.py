@@ -1,0 +1,189 @@
+"""`rmtrain serve` over real HTTP on the loopback interface, bounded in requests and time: rewards of both
+endpoints equal `rmtrain score`, concurrent clients all get their own answers, bad requests get a 400 and the
+server goes on, SIGTERM ends it with status 0. Tiny Qwen3 (decoder: a group is one shared-prefix row) and
+MiniLM (encoder)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rmtrain.score import run_score
+from tests.conftest import ROOT, read_jsonl
+from tests.launch import free_port
+
+pytestmark = pytest.mark.shared_data
+
+
+def hh_groups(shared_data: Path, count: int, size: int, seed: int = 0) -> list[dict]:
+    """Prompts of HH conversations (up to the last "Assistant:") with `size` completions each: the row's own
+    two answers and answers of other rows, short enough for quick tests."""
+    rows = read_jsonl(shared_data / "hh_harmless_test.jsonl", limit=200)
+    answers = [r[side].rsplit("\n\nAssistant:", 1)[1][:300] for r in rows for side in ("chosen", "rejected")]
+    rng = random.Random(seed)
+    groups = []
+    for r in rows[:count]:
+        prompt = r["chosen"].rsplit("\n\nAssistant:", 1)[0][-600:] + "\n\nAssistant:"
+        groups.append({"prompt": prompt, "completions": [a for a in rng.sample(answers, size) if a.strip()]})
+    return groups
+
+
+class Server:
+    def __init__(self, model: str, tmp_path: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"serve-{self.port}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rmtrain", "serve", model, "--host", "127.0.0.1", "--port", str(self.port), *extra],
+            cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if self.get("/health")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"the server did not answer /health:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        assert f"listening on http://127.0.0.1:{self.port}" in self.log.read_text()
+
+    def get(self, path: str) -> tuple[int, dict]:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.status, json.loads(response.read())
+
+    def post(self, path: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def scores_of(model: str, rows: list[dict], tmp_path: Path, name: str) -> list[float]:
+    data, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.scores.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_score(model, str(data), str(out), in_order=True)
+    return [json.loads(line)["reward"] for line in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def minilm_folder(minilm, tmp_path_factory) -> str:
+    """MiniLM with its reward head saved: the pretrained folder has none, so every load would draw another."""
+    from rmtrain.config import ModelConfig
+    from rmtrain.model import load_reward_model
+    from rmtrain.saved import save_model_folder
+
+    rm = load_reward_model(ModelConfig(name_or_path=minilm))
+    out = tmp_path_factory.mktemp("minilm-rm")
+    save_model_folder(rm.model, None, rm.tokenizer, rm.fmt, 512, out)
+    return str(out)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_qwen3", "minilm_folder"])
+def test_server_rewards_equal_rmtrain_score_and_concurrent_clients_get_theirs(model_name, request, tmp_path, shared_data):
+    model = request.getfixturevalue(model_name)
+    groups = hh_groups(shared_data, 24, 8)
+    # What `rmtrain score` gives: every completion as {prompt, completion}; every query as {text}.
+    expected = scores_of(model, [{"prompt": g["prompt"], "completion": c} for g in groups for c in g["completions"]], tmp_path, "pc")
+    queries = [g["prompt"] + c for g in groups[:4] for c in g["completions"][:2]]
+    expected_queries = scores_of(model, [{"text": q} for q in queries], tmp_path, "text")
+    server = Server(model, tmp_path)
+    try:
+        status, body = server.post("/get_reward", {"query": queries, "prompts": ["ignored"], "labels": ["ignored"]})
+        assert status == 200 and body["scores"] == body["rewards"] and body["extra_logs"] == {}
+        assert max(abs(a - b) for a, b in zip(body["rewards"], expected_queries)) < 1e-4
+        status, body = server.post("/score", {"groups": groups[:3]})
+        assert status == 200 and [len(r) for r in body["rewards"]] == [len(g["completions"]) for g in groups[:3]]
+        flat = [r for rewards in body["rewards"] for r in rewards]
+        assert max(abs(a - b) for a, b in zip(flat, expected)) < 1e-4
+        if model_name == "tiny_qwen3":  # a decoder's group is one row: its prompt computed once
+            assert server.get("/health")[1]["layout"] == "shared_prefix"
+
+        # 8 concurrent clients x 16 requests, each one group: every answer is its own group's rewards.
+        offsets = [sum(len(g["completions"]) for g in groups[:i]) for i in range(len(groups))]
+        failures: list[str] = []
+
+        def client(number: int) -> None:
+            rng = random.Random(number)
+            for _ in range(16):
+                i = rng.randrange(len(groups))
+                status, body = server.post("/score", groups[i])
+                want = expected[offsets[i] : offsets[i] + len(groups[i]["completions"])]
+                if status != 200 or max(abs(a - b) for a, b in zip(body["rewards"], want)) >= 1e-4:
+                    failures.append(f"client {number}, group {i}: {status} {body}")
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in threads), "clients did not finish in 300 s"
+        assert failures == [], failures[:3]
+        assert time.monotonic() - start < 300
+        if model_name == "tiny_qwen3":  # within its token budget, concurrent requests share batches
+            assert server.get("/health")[1]["batches"] < 8 * 16 + 2
+    finally:
+        status = server.terminate()
+    assert status == 0, server.log.read_text()[-3000:]
+
+
+BAD_REQUESTS = [
+    ("/score", None, b"{not json", "body: not valid JSON"),
+    ("/score", {"completions": ["a"]}, None, "prompt: missing (a string or a list of messages)"),
+    ("/score", {"prompt": "Q:", "completions": []}, None, "completions: expected a non-empty list of completions, got an empty list"),
+    ("/score", {"prompt": "Q:", "completions": [" a", 3]}, None, "completions[1]: expected a string or a list of messages, got int"),
+    ("/score", {"prompt": [{"role": "user", "content": "hi"}], "completions": ["text"]}, None, "completions[0]: is text but the prompt"),
+    ("/score", {"groups": []}, None, "groups: expected a non-empty list"),
+    ("/score", {"groups": [{"prompt": "Q:", "completions": [" a"]}, {"prompt": 5, "completions": [" a"]}]}, None,
+     "groups[1].prompt: expected a string or a list of messages, got int"),
+    ("/get_reward", {"query": "one text"}, None, "query: expected a non-empty list of strings"),
+    ("/get_reward", {"query": ["fine", ""]}, None, "query[1]: empty text"),
+    ("/get_reward", {"query": ["has <|endoftext|> in it"]}, None, "query[0]: contains the pad token"),
+]
+
+
+def test_bad_requests_get_400_and_the_server_goes_on_then_sigterm_exits_0(tiny_qwen3, tmp_path, shared_data):
+    server = Server(tiny_qwen3, tmp_path, "--max-length", "64")
+    try:
+        for path, body, raw, message in BAD_REQUESTS:
+            status, answer = server.post(path, body, raw)
+            assert status == 400 and message in answer["error"], (path, body, answer)
+        # Still serving; an over-long input is cut from the left, as rmtrain score cuts it, and flagged.
+        long_prompt = "Human: " + "why " * 200 + "\n\nAssistant:"
+        status, body = server.post("/score", {"prompt": long_prompt, "completions": [" Because.", " No."]})
+        assert status == 200 and body["truncated"] == [True, True] and len(body["rewards"]) == 2
+        rows, out = tmp_path / "cut.jsonl", tmp_path / "cut.scores.jsonl"
+        rows.write_text(json.dumps({"prompt": long_prompt, "completion": " Because."}) + "\n")
+        run_score(tiny_qwen3, str(rows), str(out), max_length=64)  # rmtrain score with the same --max-length
+        line = json.loads(out.read_text())
+        assert line["truncated"] and abs(line["reward"] - body["rewards"][0]) < 1e-4
+    finally:
+        status = server.terminate()
+    assert status == 0, server.log.read_text()[-3000:]
