@@ -65,7 +65,7 @@ def computed_tokens(shapes: list[Shape], layout: str) -> int:
 
 
 PAIR_KEY = 1 << 32
-"""A pair's key is row * PAIR_KEY + its index in the row: unique across pairs and lists."""
+"""A pair's key is its group's key (uid, else row) * PAIR_KEY + its index in the group: unique across pairs and lists."""
 
 
 def targets(groups: list[Group]) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def targets(groups: list[Group]) -> dict[str, Any]:
         k = len(g.completions)
         index.extend((start + better, start + worse) for better, worse in g.pairs)
         rows.extend([g.row] * len(g.pairs))
-        keys.extend(g.row * PAIR_KEY + p for p in range(len(g.pairs)))
+        keys.extend(g.key * PAIR_KEY + p for p in range(len(g.pairs)))
         margins.extend(g.margins or [0.0] * len(g.pairs))
         own = g.scores if g.scores is not None else [float(k - i) for i in range(k)]  # a pair: chosen above rejected
         score_margins.extend(own[better] - own[worse] for better, worse in g.pairs)

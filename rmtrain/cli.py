@@ -75,10 +75,10 @@ def tokens_per_forward(value: str) -> int | str | None:
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help="A saved model or run folder (full model or LoRA adapter)."),
-    data: str = typer.Option(..., "--data", help="Preference data: local file/folder or Hub dataset id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Pairs or lists: local file/folder or Hub dataset id (default: a run's own eval sources, each on its own)."),
     split: str = typer.Option("train", "--split", help="Split (Hub datasets)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Defaults to the length the model was trained with."),
-    truncation: str = typer.Option("filter", "--truncation", help="filter (drop longer pairs, as TRL) or truncate."),
+    truncation: Optional[str] = typer.Option(None, "--truncation", help="filter (drop longer pairs, as TRL; the default with --data) or truncate; a run's own eval sources default to the run's."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pairs per batch."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics to this JSON file."),
     subset_field: Optional[str] = typer.Option(
@@ -90,10 +90,10 @@ def eval_command(
     max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
-    """Evaluate a saved reward model on preference pairs."""
+    """Evaluate a saved reward model on preference pairs or ranked lists."""
 
     def action() -> None:
-        if truncation not in ("filter", "truncate"):
+        if truncation not in (None, "filter", "truncate"):
             raise DataError(f"--truncation: expected filter or truncate, got {truncation!r}")
         tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
@@ -179,6 +179,25 @@ def serve(
         from rmtrain.serve import serve as run_serve
 
         run_serve(model, host, port, tokens, max_wait_ms, batch_size, max_length, share_prefix, RunLog())
+
+    _run(debug, action)
+
+
+@app.command()
+def plot(
+    runs: List[str] = typer.Argument(..., help="Run folders (or metrics.jsonl files) to overlay."),
+    out: str = typer.Option("curves.png", "--out", help="The PNG to write."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Train and eval loss, accuracy and margin against step, several runs overlaid (a sweep at a glance)."""
+
+    def action() -> None:
+        from pathlib import Path
+
+        from rmtrain.plot import plot_runs
+
+        plot_runs([Path(r) for r in runs], Path(out))
+        typer.echo(f"wrote {out}", err=True)
 
     _run(debug, action)
 

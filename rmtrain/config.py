@@ -64,12 +64,16 @@ class DataSource:
     """Use only the first N rows (after `skip`)."""
     skip: int = 0
     """Skip the first N rows."""
+    weight: float = 1.0
+    """In a mixture: how many of this source's rows an epoch draws (0.5 a seeded random half, 2 every row twice)."""
 
 
 @dataclass
 class DataConfig:
-    train: DataSource | None = None
-    eval: DataSource | None = None
+    train: DataSource | list[DataSource] | None = None
+    """A source, or a list of sources (a mixture)."""
+    eval: DataSource | list[DataSource] | None = None
+    """A source, or a list of sources (each reported on its own too)."""
     eval_fraction: float | None = None
     """Hold out this fraction of train as the eval set (when `eval` is not given)."""
     max_length: int = 1024
@@ -90,6 +94,12 @@ class LoraConfig:
     """An existing PEFT reward-model adapter folder to continue training."""
     merge: bool = False
     """Also write a merged full model to `output_dir/merged`."""
+
+
+@dataclass
+class KeepBest:
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    """accuracy: higher is better; loss (Bradley-Terry): lower is better."""
 
 
 @dataclass
@@ -152,6 +162,12 @@ class TrainConfig:
     save_total_limit: int | None = 2
     max_nonfinite_steps: int = 3
     """A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop the run."""
+    keep_best: KeepBest | None = None
+    """Keep the model of the best eval as output_dir/best, e.g. {metric: accuracy}."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
+    """Trackers (Accelerate's) that get the recipe and the train/eval metrics; each is an extra: rmtrain[wandb]."""
+    run_name: str | None = None
+    """The run's name in the trackers; defaults to the output folder's name."""
 
 
 @dataclass
@@ -163,6 +179,12 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def sources(data: DataConfig, split: str) -> list[DataSource]:
+    """data.train or data.eval as a list of sources ([] when absent)."""
+    value = getattr(data, split)
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +218,11 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         real = [o for o in options if o is not type(None)]
         if len(real) == 1 and dataclasses.is_dataclass(real[0]):  # optional section: report its own problems
             return _convert(value, real[0], path, problems)
+        if any(dataclasses.is_dataclass(o) for o in real):  # a section or a list of sections: by the value's shape
+            wanted = next((o for o in real if dataclasses.is_dataclass(o)), None) if isinstance(value, dict) else \
+                next((o for o in real if typing.get_origin(o) is list), None) if isinstance(value, list) else None
+            if wanted is not None:
+                return _convert(value, wanted, path, problems)
         for option in options:
             if option is type(None):
                 continue
@@ -294,19 +321,22 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     if "num_labels" in m.init_kwargs:
         problems.append("model.init_kwargs.num_labels: a reward model always has num_labels=1; remove this key")
     check(d.train is not None, "data.train: required (a mapping with at least `path`)")
-    for name in ("train", "eval"):
-        source = getattr(d, name)
-        if source is None:
-            continue
-        check(bool(source.path), f"data.{name}.path: required (a local file or folder, or a Hub dataset id)")
-        for column, target in source.columns.items():
-            check(
-                target in COLUMN_TARGETS,
-                f"data.{name}.columns.{column}: maps onto '{target}', expected "
-                f"{', '.join(t for t in COLUMN_TARGETS if t)} or null",
-            )
-        check(source.skip >= 0, f"data.{name}.skip: must be >= 0, got {source.skip}")
-        check(source.limit is None or source.limit > 0, f"data.{name}.limit: must be > 0, got {source.limit}")
+    for split in ("train", "eval"):
+        listed = isinstance(getattr(d, split), list)
+        check(not listed or bool(getattr(d, split)), f"data.{split}: an empty list; give a source or a list of sources")
+        for i, source in enumerate(sources(d, split)):
+            name = f"{split}[{i}]" if listed else split
+            check(bool(source.path), f"data.{name}.path: required (a local file or folder, or a Hub dataset id)")
+            for column, target in source.columns.items():
+                check(
+                    target in COLUMN_TARGETS,
+                    f"data.{name}.columns.{column}: maps onto '{target}', expected "
+                    f"{', '.join(t for t in COLUMN_TARGETS if t)} or null",
+                )
+            check(source.skip >= 0, f"data.{name}.skip: must be >= 0, got {source.skip}")
+            check(source.limit is None or source.limit > 0, f"data.{name}.limit: must be > 0, got {source.limit}")
+            check(source.weight > 0, f"data.{name}.weight: must be > 0, got {source.weight}")
+            check(split == "train" or source.weight == 1, f"data.{name}.weight: weights mix training data; eval sources are scored whole")
     if d.eval_fraction is not None:
         check(0 < d.eval_fraction < 1, f"data.eval_fraction: must be between 0 and 1, got {d.eval_fraction}")
         check(d.eval is None, "data.eval_fraction: give either data.eval or data.eval_fraction, not both")
@@ -347,6 +377,9 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     )
     check(t.eval_steps is None or d.eval is not None or d.eval_fraction is not None,
           "train.eval_steps: set, but there is no eval set (add data.eval or data.eval_fraction)")
+    check(t.keep_best is None or d.eval is not None or d.eval_fraction is not None,
+          "train.keep_best: set, but there is no eval set to pick the best by (add data.eval or data.eval_fraction)")
+    check(len(set(t.report_to)) == len(t.report_to), f"train.report_to: a tracker is named twice: {t.report_to}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from rmtrain.config import DataConfig
+from rmtrain.config import DataConfig, DataSource, sources
 from rmtrain.errors import DataError
 from rmtrain.sources import read_rows
 from rmtrain.tokenizer import TokenFormat, special_token_frame
@@ -52,6 +53,10 @@ class Group:
     """The data's `margin` column, one per pair (pair files), or None."""
     scores: list[float] | None = None
     """One per completion, higher is better (lists; ranks are stored as -rank), or None (pairs)."""
+    source: int = 0
+    """Which of data.train's (or data.eval's) sources the row comes from."""
+    uid: int = -1
+    """This group's number in the set it belongs to (a row drawn twice by a mixture is two groups); -1: its row."""
 
     @classmethod
     def of(
@@ -70,7 +75,11 @@ class Group:
         where = {i: j for j, i in enumerate(indices)}
         pairs = [(where[a], where[b]) for a, b in self.pairs if a in where and b in where]
         scores = [self.scores[i] for i in indices] if self.scores is not None else None
-        return Group(self.row, self.prefix, [self.completions[i] for i in indices], pairs, None, scores)
+        return Group(self.row, self.prefix, [self.completions[i] for i in indices], pairs, None, scores, self.source, self.uid)
+
+    @property
+    def key(self) -> int:
+        return self.uid if self.uid >= 0 else self.row
 
     def sequence(self, i: int) -> list[int]:
         return self.prefix + self.completions[i]
@@ -424,53 +433,91 @@ def _tokenize(texts: list[str], add_special: bool, tokenizer, num_proc: int | No
     return encoded["ids"]
 
 
-def read_splits(data: DataConfig) -> dict[str, tuple[list[dict[str, Any]], str]]:
-    """Rows and name of data.train and data.eval, read and checked as far as possible without a tokenizer,
-    so that a bad file fails before a model is loaded."""
-    splits = {}
+@dataclass
+class Split:
+    """The rows of one source of data.train or data.eval, read and checked."""
+
+    rows: list[dict[str, Any]]
+    name: str
+    source: DataSource
+
+
+def read_splits(data: DataConfig) -> dict[str, list[Split]]:
+    """The rows of every source of data.train and data.eval, read and checked as far as possible without a
+    tokenizer, so that a bad file fails before a model is loaded."""
+    splits: dict[str, list[Split]] = {}
     for split in ("train", "eval"):
-        source = getattr(data, split)
-        if source is not None:
+        for source in sources(data, split):
             rows, name = read_rows(source)
             if not rows:
                 raise DataError(f"{split} ({name}): no rows to read; check data.{split}.path, where, skip and limit")
             check_rows(rows, name, source.skip)
-            splits[split] = (rows, name)
+            splits.setdefault(split, []).append(Split(rows, name, source))
     return splits
+
+
+def source_labels(parts: list[Split]) -> list[str]:
+    """Short names for a split's sources (file stems; a repeated stem gets its index), as metrics and trackers
+    name them: `eval/by_source/hh_harmless_test/accuracy`."""
+    stems = [Path(part.source.path).stem or part.name for part in parts]
+    return [stem if stems.count(stem) == 1 else f"{stem}.{i}" for i, stem in enumerate(stems)]
+
+
+def tokenize_split(part: Split, index: int, label: str, tokenizer, fmt: TokenFormat, data: DataConfig) -> tuple[list[Group], Preflight]:
+    groups, stats = tokenize_rows(part.rows, part.name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, part.source.skip)
+    for g in groups:
+        g.source = index
+    stats.name = f"{label} ({part.name})" + (f", weight {part.source.weight:g}" if part.source.weight != 1 else "")
+    return groups, stats
+
+
+def mix(parts: list[list[Group]], weights: list[float], seed: int) -> list[Group]:
+    """Every source's groups drawn `weight` times: whole copies for the integer part, a seeded random share of
+    them for the rest (0.5: a random half). Each drawn group gets its own uid."""
+    rng = random.Random(seed)
+    drawn: list[Group] = []
+    for groups, weight in zip(parts, weights):
+        copies, rest = int(weight), weight - int(weight)
+        drawn.extend(g for _ in range(copies) for g in groups)
+        drawn.extend(rng.sample(groups, round(rest * len(groups))) if rest else [])
+    return [replace(g, uid=i) for i, g in enumerate(drawn)]
 
 
 def load_groups(
     data: DataConfig, tokenizer, fmt: TokenFormat, seed: int, splits: dict | None = None
 ) -> tuple[list[Group], list[Group] | None, list[Preflight]]:
-    """Train and eval groups for a recipe (rows from read_splits), and their pre-flight statistics."""
+    """Train and eval groups for a recipe (rows from read_splits), and their pre-flight statistics, a line per source."""
     assert data.train is not None
     splits = splits if splits is not None else read_splits(data)
-    rows, name = splits["train"]
-    train, train_stats = tokenize_rows(
-        rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.train.skip
-    )
-    stats = [train_stats]
-    train_stats.name = f"train ({name})"
+    label = lambda split, i: split if len(splits[split]) == 1 else f"{split}[{i}]"  # noqa: E731
+    tokenized = [tokenize_split(part, i, label("train", i), tokenizer, fmt, data) for i, part in enumerate(splits["train"])]
+    stats = [s for _, s in tokenized]
+    for (groups, s), part in zip(tokenized, splits["train"]):
+        if not groups:
+            raise DataError(_nothing_left(s, data, "train"))
     eval_groups = None
     if data.eval is not None:
-        rows, name = splits["eval"]
-        eval_groups, eval_stats = tokenize_rows(
-            rows, name, tokenizer, fmt, data.max_length, data.truncation, data.num_proc, data.eval.skip
-        )
-        eval_stats.name = f"eval ({name})"
-        stats.append(eval_stats)
-    elif data.eval_fraction:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(train) * data.eval_fraction))
-        held_out = set(order[:n_eval])
-        eval_groups = [p for i, p in enumerate(train) if i in held_out]
-        train = [p for i, p in enumerate(train) if i not in held_out]
-        train_stats.name += f", {len(eval_groups)} held out for eval"
-    if not train:
-        raise DataError(_nothing_left(stats[0], data, "train"))
-    if eval_groups is not None and not eval_groups:
-        raise DataError(_nothing_left(stats[-1], data, "eval"))
+        tokenized_eval = [tokenize_split(part, i, label("eval", i), tokenizer, fmt, data) for i, part in enumerate(splits["eval"])]
+        for groups, s in tokenized_eval:
+            if not groups:
+                raise DataError(_nothing_left(s, data, "eval"))
+            stats.append(s)
+        eval_groups = [replace(g, uid=i) for i, g in enumerate(g for groups, _ in tokenized_eval for g in groups)]
+    train_parts = [groups for groups, _ in tokenized]
+    if data.eval_fraction:
+        held_out = []
+        for i, groups in enumerate(train_parts):
+            order = list(range(len(groups)))
+            random.Random(seed + i).shuffle(order)
+            n_eval = max(1, round(len(groups) * data.eval_fraction))
+            chosen = set(order[:n_eval])
+            held_out.extend(g for j, g in enumerate(groups) if j in chosen)
+            train_parts[i] = [g for j, g in enumerate(groups) if j not in chosen]
+            stats[i].name += f", {n_eval} held out for eval"
+        eval_groups = [replace(g, uid=i) for i, g in enumerate(held_out)]
+        if not all(train_parts):
+            raise DataError(_nothing_left(stats[0], data, "train"))
+    train = mix(train_parts, [part.source.weight for part in splits["train"]], seed)
     return train, eval_groups, stats
 
 

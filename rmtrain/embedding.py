@@ -85,3 +85,15 @@ def restore_full_embedding(model: nn.Module) -> None:
     embedding = model.get_input_embeddings()
     if isinstance(embedding, SeenRowsEmbedding):
         model.set_input_embeddings(embedding.full_embedding())
+
+
+def plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` of `model` with each SeenRowsEmbedding written as the plain `weight` of the table it
+    replaced, so a checkpoint taken mid-training saves as a plain model (the model itself is not changed)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SeenRowsEmbedding):
+            prefix = f"{name}." if name else ""
+            merged = state_dict.pop(prefix + "frozen").clone()
+            merged[module.seen_ids.to(merged.device)] = state_dict.pop(prefix + "seen_weight").to(merged.dtype)
+            state_dict[prefix + "weight"] = merged
+    return state_dict

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from rmtrain.config import TrainConfig
-from rmtrain.errors import ResourceError
+from rmtrain.config import Recipe, TrainConfig
+from rmtrain.errors import ResourceError, UserError, first_line, require_extra
 from rmtrain.log import RunLog
 
 
-def make_accelerator(t: TrainConfig):
-    """(accelerator, bf16) for a training run."""
+def make_accelerator(t: TrainConfig, out: Path):
+    """(accelerator, bf16) for a training run; its trackers (`train.report_to`) write under `out/trackers`."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     bf16 = choose_bf16(t.bf16)
     accelerator = Accelerator(
+        log_with=list(t.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
         # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
         # them one gloo group (MULTI_CPU) instead of N independent runs writing the same folder.
         cpu=not torch.accelerator.is_available(),
@@ -27,6 +32,43 @@ def make_accelerator(t: TrainConfig):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     return accelerator, bf16
+
+
+# The package each tracker of train.report_to needs, and the rmtrain extra that installs it.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
+def check_trackers(t: TrainConfig) -> None:
+    for tracker in t.report_to:
+        require_extra(tracker, (TRACKER_PACKAGES[tracker],), f"train.report_to: {tracker}")
+
+
+def start_trackers(accelerator, recipe: Recipe, out: Path) -> None:
+    """Accelerate's trackers, with the resolved recipe as hyperparameters (flat `section.key` names; values a
+    tracker cannot hold as such, lists and None, as text). The run is named `train.run_name` or the folder."""
+    t = recipe.train
+    if not t.report_to:
+        return
+    name = t.run_name or out.name
+    config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(recipe.to_dict()).items()}
+    init = {"wandb": {"name": name, "dir": str(out)}, "mlflow": {"run_name": name}, "trackio": {"name": name}}
+    try:
+        accelerator.init_trackers("rmtrain", config=config, init_kwargs={k: v for k, v in init.items() if k in t.report_to})
+    except Exception as error:  # each tracker raises its own types; what matters is which one and why
+        for folder in ("trackers", "wandb"):  # what a tracker may have begun to write; the run has not started
+            shutil.rmtree(out / folder, ignore_errors=True)
+        raise UserError(f"train.report_to: {', '.join(t.report_to)}: a tracker did not start: {first_line(error)}") from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"learning_rate": 1e-4}} -> {"train.learning_rate": 1e-4} (empty sections stay, as {})."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def inference_accelerator():

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,9 @@ class Reference:
     what: str
     """Where they come from, for the console: "--data", "the run's eval pairs" or "the run's training data"."""
     rows: list[dict]
+    """The rows of the (first) source the check reads whole texts of."""
     pairs: list[Group]
-    """Tokenized as the run's eval was; `pair.row` indexes `rows`."""
+    """Tokenized as the run's eval was."""
 
 
 def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_length: int) -> Reference | None:
@@ -86,9 +87,9 @@ def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_l
     else:
         split, pairs = "train", train[:TRAIN_REFERENCE_PAIRS]
         what = f"the run has no eval set: the first {len(pairs)} pairs of its training data"
-    rows, name = splits[split]
-    skip = getattr(data, split).skip
-    return Reference(name, what, rows, [replace(p, row=p.row - skip) for p in pairs])
+    parts = splits[split]
+    # Statistics over every source's pairs; the check re-reads whole rows of the first source.
+    return Reference(", ".join(part.name for part in parts), what, parts[0].rows, pairs)
 
 
 def rewards_of(rm: RewardModel, groups: list[Group], batch_size: int = 16) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rmtrain.config import Recipe, TrainConfig
+from rmtrain.config import Recipe, TrainConfig, sources
 from rmtrain.log import RunLog
 
 
@@ -47,12 +47,19 @@ class StopRequest:
         self.previous = {}
 
 
-def nonfinite_message(limit: int, step: int, rows: list[int], recipe: Recipe, out: Path, saved_step: int) -> str:
-    shown = ", ".join(map(str, rows[:20])) + (f", ... ({len(rows)} rows)" if len(rows) > 20 else "")
+def nonfinite_message(limit: int, step: int, rows: list[tuple[int, int]], recipe: Recipe, out: Path, saved_step: int) -> str:
+    """`rows`: (source index, 1-based row) of the last batch's pairs."""
+    paths = [source.path for source in sources(recipe.data, "train")]
+    parts = []
+    for index, path in enumerate(paths):
+        numbers = sorted({row for source, row in rows if source == index})
+        if numbers:
+            shown = ", ".join(map(str, numbers[:20])) + (f", ... ({len(numbers)} rows)" if len(numbers) > 20 else "")
+            parts.append(f"rows {shown} of {path}")
     kept = f"the last checkpoint ({out / 'checkpoints' / f'checkpoint-{saved_step}'}) is kept" if saved_step else "no checkpoint was written"
     return (
         f"train.max_nonfinite_steps: {limit} optimizer steps in a row (up to step {step}) had a non-finite loss or "
-        f"gradient norm; last batch: rows {shown} of {recipe.data.train.path if recipe.data.train else 'train'}; {kept}. "
+        f"gradient norm; last batch: {'; '.join(parts)}; {kept}. "
         "Lower train.learning_rate, check those rows, or use fp32 (train.bf16: false)"
     )
 

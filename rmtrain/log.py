@@ -46,16 +46,18 @@ def _summary(values: dict[str, Any]) -> str:
 
 
 class RunLog:
-    def __init__(self, metrics_file: Path | None = None, enabled: bool = True, console: Console | None = None):
+    def __init__(self, metrics_file: Path | None = None, enabled: bool = True, console: Console | None = None, trackers=None):
         self.enabled = enabled
+        self.trackers = trackers
+        """An Accelerator whose trackers get every record's numbers too (`train.report_to`)."""
         self.console = console or Console(file=sys.stderr, highlight=False)
         self.metrics_file = metrics_file
         self.progress: Progress | None = None
         self.task = None
 
     # plain lines -------------------------------------------------------------------------------
-    def info(self, message: str) -> None:
-        if self.enabled:
+    def info(self, message: str | None) -> None:
+        if self.enabled and message:
             self.console.print(message, markup=False)
 
     def warn(self, message: str) -> None:
@@ -98,6 +100,8 @@ class RunLog:
         if self.metrics_file is not None:
             with self.metrics_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.trackers is not None:  # the same numbers at the same step: "train/loss", "eval/by_source/x/accuracy"
+            self.trackers.log(_numbers(values, f"{split}/"), step=step)
         self.console.print(f"[{split} step {step}] {_summary(values)}", markup=False, highlight=False)
 
     def table(self, title: str, values: dict[str, Any]) -> None:
@@ -109,6 +113,16 @@ class RunLog:
         for key in [k for k in METRIC_ORDER if k in values] + [k for k in values if k not in METRIC_ORDER]:
             table.add_row(key, _fmt(values[key]))
         self.console.print(table)
+
+
+def _numbers(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    numbers: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            numbers |= _numbers(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
 
 
 class Throughput:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,21 @@ def load_reward_model(
         pad_token_id=tokenizer.pad_token_id,
         is_encoder=is_encoder,
     )
-    return RewardModel(model, tokenizer, fmt, head_module(model, head_name), head_name)
+    head = head_module(model, head_name)
+    run_in_fp32(head)
+    return RewardModel(model, tokenizer, fmt, head, head_name)
+
+
+def run_in_fp32(head: nn.Module) -> None:
+    """The score head computes in fp32 even under bf16 autocast (as OpenRLHF's compute_fp32_loss and NeMo's
+    force_head_dtype): its input is upcast and autocast is off inside it, so reward differences smaller than
+    bf16's resolution (about 1% of the reward) are not rounded away. In fp32 training this changes nothing."""
+    head.forward = types.MethodType(_fp32_forward, head)  # bound: a deepcopy of the model binds its own head
+
+
+def _fp32_forward(self: nn.Module, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
+        return type(self).forward(self, hidden.float(), *args, **kwargs)
 
 
 def check_adapter_folder(init_from: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rmtrain.config import Recipe
-from rmtrain.embedding import restore_full_embedding
+from rmtrain.embedding import plain_state_dict, restore_full_embedding
 from rmtrain.engine import is_sharded
 from rmtrain.errors import ResourceError, RunDirError, first_line
 from rmtrain.log import RunLog, truncate_metrics_file
@@ -38,6 +38,9 @@ class TrainState:
     skipped_steps: int = 0
     seen_embedding_rows: int | None = None
     """How many embedding rows train (`train.embedding_rows: seen`), None for all: a resume must match."""
+    best_step: int | None = None
+    best_value: float | None = None
+    """`train.keep_best`: the step and metric value of the model in out/best."""
 
     @classmethod
     def read(cls, checkpoint: Path) -> "TrainState":
@@ -205,6 +208,49 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
             raise
         shutil.rmtree(out / "merged", ignore_errors=True)
         os.replace(merged_tmp, out / "merged")
+
+
+class BestModel:
+    """`train.keep_best`: after each eval, the model goes to `out/best` when its metric is the best so far."""
+
+    def __init__(self, recipe: Recipe, out: Path):
+        self.recipe, self.out = recipe, out
+        self.metric = recipe.train.keep_best.metric if recipe.train.keep_best else None
+
+    def consider(self, accelerator, model, rm, state: TrainState, metrics: dict) -> None:
+        """Keep the model if `metrics` are the best so far (the record lives in `state`, so a resume keeps it)."""
+        if self.metric is None:
+            return
+        value, best = metrics[self.metric], state.best_value
+        if best is None or (value > best if self.metric == "accuracy" else value < best):
+            save_best(accelerator, model, rm, self.recipe, self.out)
+            state.best_step, state.best_value = state.step, value
+
+    def info(self, state: TrainState) -> dict | None:
+        if self.metric is None:
+            return None
+        return {"step": state.best_step, "metric": self.metric, "value": state.best_value, "folder": str(self.out / "best")}
+
+
+def save_best(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
+    """The model as it is now, as `out/best`: a plain model folder like the final one (or the adapter and its head),
+    written under a temporary name and renamed over the previous best."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = None
+    if recipe.lora is None or is_sharded(accelerator):
+        state_dict = plain_state_dict(unwrapped, accelerator.get_state_dict(model))  # a collective under FSDP/DeepSpeed
+    if accelerator.is_main_process:
+        tmp, best = out / ".best.tmp", out / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, recipe.data.max_length, tmp)
+        except Exception as error:
+            raise_if_write_failed(error, "the best model", tmp, out)
+            raise
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+    accelerator.wait_for_everyone()
 
 
 # Write failures as torch.save (RuntimeError), safetensors (SafetensorError) and plain Python (OSError) report them.

@@ -51,13 +51,16 @@ class InferenceSet:
     groups: list[Group]
     loader: Any
     sequences: int
+    source_names: list[str] | None = None
+    """With several sources: their names, for metrics per source."""
 
 
 def inference_set(
-    accelerator, groups: list[Group], layout: str, mask_format: str, pad_token_id: int, max_sequences: int, max_tokens: int | None
+    accelerator, groups: list[Group], layout: str, mask_format: str, pad_token_id: int, max_sequences: int,
+    max_tokens: int | None, source_names: list[str] | None = None,
 ) -> InferenceSet:
     loader, sequences = inference_loader(groups, layout, pad_token_id, mask_format, max_sequences, max_tokens)
-    return InferenceSet(groups, accelerator.prepare(loader), sequences)
+    return InferenceSet(groups, accelerator.prepare(loader), sequences, source_names)
 
 
 @torch.inference_mode()
@@ -89,10 +92,10 @@ def pair_values(groups: list[Group], rewards: list[torch.Tensor]) -> dict[str, t
     """Per pair: source row, the (better, worse) completion indices in their row, chosen and rejected rewards,
     the Bradley-Terry loss (the data's margins included), and each response's tokens after the row's common
     prefix (the prompt never counts)."""
-    columns: dict[str, list] = {k: [] for k in ("row", "better", "worse", "chosen", "rejected", "margin", "chosen_tokens", "rejected_tokens")}
+    columns: dict[str, list] = {k: [] for k in ("row", "source", "better", "worse", "chosen", "rejected", "margin", "chosen_tokens", "rejected_tokens")}
     for g, r in zip(groups, rewards):
         for p, (better, worse) in enumerate(g.pairs):
-            for key, value in (("row", g.row), ("better", better), ("worse", worse), ("chosen", r[better]), ("rejected", r[worse]),
+            for key, value in (("row", g.row), ("source", g.source), ("better", better), ("worse", worse), ("chosen", r[better]), ("rejected", r[worse]),
                                ("margin", g.margins[p] if g.margins is not None else 0.0),
                                ("chosen_tokens", len(g.completions[better])), ("rejected_tokens", len(g.completions[worse]))):
                 columns[key].append(value)
@@ -110,4 +113,13 @@ def evaluate_pairs(accelerator, model, rm: RewardModel, scored: InferenceSet) ->
     metrics = pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"])
     if any(g.scores is not None for g in scored.groups):
         metrics |= list_stats([g.scores for g in scored.groups], rewards)
+    if scored.source_names and len(scored.source_names) > 1:
+        metrics["by_source"] = {}
+        for index, name in enumerate(scored.source_names):
+            mine = per_pair["source"] == index
+            entry = pair_stats(per_pair["chosen"][mine], per_pair["rejected"][mine], per_pair["loss"][mine])
+            members = [(g, r) for g, r in zip(scored.groups, rewards) if g.source == index]
+            if any(g.scores is not None for g, _ in members):
+                entry |= list_stats([g.scores for g, _ in members], [r for _, r in members])
+            metrics["by_source"][name] = entry
     return metrics, per_pair | {"group_rewards": rewards}

@@ -14,15 +14,17 @@ import torch
 from rmtrain.batching import PAIR_KEY, LengthGroupedBatchSampler, choose_layout, collate_for, token_counts, training_loader
 from rmtrain.budget import auto_tokens_per_forward, inference_tokens_per_forward
 from rmtrain.config import Recipe, TrainConfig, dump_recipe
-from rmtrain.data import Group, load_groups, read_splits, token_ids
+from rmtrain.data import Group, load_groups, read_splits, source_labels, token_ids
 from rmtrain.embedding import seen_rows_count, train_seen_rows_only
-from rmtrain.engine import check_engine, is_deepspeed, is_sharded, make_accelerator, sum_over_processes
+from rmtrain.engine import check_engine, check_trackers, is_deepspeed, is_sharded, make_accelerator, start_trackers, sum_over_processes
 from rmtrain.errors import NonFiniteLossError, ResourceError
 from rmtrain.faults import StopRequest, interrupted_message, is_out_of_memory, nonfinite_message, out_of_memory_message
 from rmtrain.log import RunLog, Throughput
 from rmtrain.loss import Objective, pair_stats
 from rmtrain.model import RewardModel, batch_rewards, load_reward_model
+from rmtrain.plot import plot_runs
 from rmtrain.runs import (
+    BestModel,
     TrainState,
     check_output_dir,
     claim_output_dir,
@@ -41,9 +43,10 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     t, out = recipe.train, Path(recipe.train.output_dir)
 
     # Accelerator --------------------------------------------------------------------------------
-    accelerator, bf16 = make_accelerator(t)
+    check_trackers(t)  # a missing tracker package fails before anything loads
+    accelerator, bf16 = make_accelerator(t, out)
     is_main = accelerator.is_main_process
-    log = RunLog(out / "metrics.jsonl", enabled=is_main)
+    log = RunLog(out / "metrics.jsonl", enabled=is_main, trackers=accelerator if t.report_to else None)
     log.info(
         f"rmtrain fit: {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), "
         f"device {accelerator.device}, precision {'bf16' if bf16 else 'fp32'}, output {out}"
@@ -53,9 +56,9 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     # Data and model -----------------------------------------------------------------------------
     set_seed(t.seed)
-    rows = read_splits(recipe.data)  # a bad data file fails before the model loads
+    splits = read_splits(recipe.data)  # a bad data file fails before the model loads
     rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing)
-    train_groups, eval_groups, preflight = load_groups(recipe.data, rm.tokenizer, rm.fmt, t.seed, rows)
+    train_groups, eval_groups, preflight = load_groups(recipe.data, rm.tokenizer, rm.fmt, t.seed, splits)
     for stats in preflight:
         log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
     if is_main:
@@ -65,16 +68,10 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
     # Optimizer, prepare, schedule ---------------------------------------------------------------
     if t.embedding_rows == "seen" and not is_sharded(accelerator):
-        note = train_seen_rows_only(rm.model, torch.tensor(token_ids(train_groups, rm.fmt.pad_token_id)), t.weight_decay)
-        if note:
-            log.info(note)
+        log.info(train_seen_rows_only(rm.model, torch.tensor(token_ids(train_groups, rm.fmt.pad_token_id)), t.weight_decay))
     optimizer = make_optimizer(rm.model, t)
     model, optimizer, train_dl = accelerator.prepare(rm.model, optimizer, batches.train)
-    eval_set = None
-    if eval_groups:
-        eval_tokens = inference_tokens_per_forward(rm.model, accelerator.device) if t.max_tokens_per_forward == "auto" else t.max_tokens_per_forward
-        eval_set = inference_set(accelerator, eval_groups, batches.layout, batches.mask_format, rm.fmt.pad_token_id,
-                                 2 * (t.eval_batch_size or t.per_device_batch_size), eval_tokens)
+    eval_set = eval_batches(accelerator, rm, t, batches, eval_groups, source_labels(splits.get("eval", []))) if eval_groups else None
     steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
     total_steps = t.max_steps or math.ceil(t.num_epochs * steps_per_epoch)
     # The schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
@@ -94,11 +91,14 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         if state.batches_in_epoch >= len(train_dl):
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         log.info(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+    start_trackers(accelerator, recipe, out)
     if is_main:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    best = BestModel(recipe, out)
 
     # Loop ---------------------------------------------------------------------------------------
     metrics = StepMetrics(accelerator, t, lists=any(len(g.completions) > 2 for g in train_groups))
+    row_of = {g.uid: (g.source, g.row) for g in train_groups}  # what a non-finite step names
     stop = StopRequest(log)
     last_eval: dict[str, float] | None = None
     saved_step, in_a_row, skip = state.step, 0, False
@@ -132,6 +132,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                     state.skipped_steps += 1
                     log.warn(f"step {state.step}: non-finite loss or gradient norm, optimizer step skipped ({in_a_row} in a row)")
                     if in_a_row >= t.max_nonfinite_steps:
+                        rows = [(row_of[uid][0], row_of[uid][1] + 1) for uid in rows]
                         raise NonFiniteLossError(nonfinite_message(t.max_nonfinite_steps, state.step, rows, recipe, out, saved_step))
                 skip = False
                 if state.step % t.logging_steps == 0 or state.step == total_steps:
@@ -143,6 +144,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
                 if eval_set is not None and t.eval_steps and state.step % t.eval_steps == 0 and state.step != total_steps:
                     with metrics.speed.paused():
                         last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set)
+                        best.consider(accelerator, model, rm, state, last_eval)
                     log.metrics("eval", state.step, last_eval)
                 if t.save_steps and state.step % t.save_steps == 0 and state.step != total_steps and not in_a_row:
                     with metrics.speed.paused():
@@ -163,6 +165,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     # Final evaluation and save ------------------------------------------------------------------
     if eval_set is not None:
         last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set)
+        best.consider(accelerator, model, rm, state, last_eval)
         log.metrics("eval", state.step, last_eval)
         log.table(f"final eval ({len(eval_groups)} {preflight[-1].kind})", last_eval)
     save_final(accelerator, model, rm, recipe, out)
@@ -176,9 +179,11 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         "max_tokens_per_forward": batches.max_tokens_per_forward,  # resolved when the recipe says auto
         "final_eval": last_eval,
         "train": metrics.speed.totals(),
+        **({"best": best.info(state)} if best.metric else {}),
     }
     if is_main:
         write_run_info(out, info)
+        plot_runs([out], out / "curves.png")
         log.info(f"saved {'adapter' if recipe.lora else 'model'} to {out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -236,6 +241,13 @@ def stop_with_checkpoint(accelerator, out: Path, state: TrainState, saved_step: 
     log.info(interrupted_message(state.step, out, accelerator.num_processes))
     accelerator.end_training()
     raise SystemExit(128 + signum)
+
+
+def eval_batches(accelerator, rm: RewardModel, t: TrainConfig, batches: Batches, groups: list[Group], names: list[str]) -> Any:
+    """The periodic eval's batches: as `rmtrain eval` builds them, with inference's pass budget when `auto`."""
+    tokens = inference_tokens_per_forward(rm.model, accelerator.device) if t.max_tokens_per_forward == "auto" else t.max_tokens_per_forward
+    return inference_set(accelerator, groups, batches.layout, batches.mask_format, rm.fmt.pad_token_id,
+                         2 * (t.eval_batch_size or t.per_device_batch_size), tokens, names)
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -399,14 +411,14 @@ class StepMetrics:
         return result.skip
 
     def end_step(self, kept: bool) -> list[int]:
-        """Close an optimizer step: its values join the window if it was kept. Returns its 1-based source rows."""
-        rows = sorted({int(k) // PAIR_KEY + 1 for values, _ in self.pending for k in values[0].tolist()})
+        """Close an optimizer step: its values join the window if it was kept. Returns the uids of its groups."""
+        uids = sorted({int(k) // PAIR_KEY for values, _ in self.pending for k in values[0].tolist()})
         if kept:
             self.window.extend(values for values, _ in self.pending)
             for _, sums in self.pending:
                 self.sums = [a + b for a, b in zip(self.sums, sums)]
         self.pending = []
-        return rows
+        return uids
 
     def take(self) -> dict[str, float] | None:
         """Metrics of the pairs since the last call, with throughput; None when no step was kept since."""

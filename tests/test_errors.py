@@ -283,6 +283,10 @@ def block_fastapi_import(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as without the package (see block_gguf_import)
 
 
+def block_wandb_import(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)
+
+
 def port_taken(ctx: Ctx) -> list[str]:
     import socket
 
@@ -380,6 +384,9 @@ CASES = [
          lambda c: c.fit(lora={"init_from": c.models["tiny-qwen3"]}),
          ["lora.init_from: <tiny-qwen3>: not a PEFT adapter folder (no adapter_config.json); give the folder of a LoRA "
           "run (or of its adapter), or remove lora.init_from to start a new adapter"]),
+    Case("tracker-not-installed", "Model", "`train.report_to: [wandb]` without the `wandb` package (blocked from importing)",
+         lambda c: c.fit(train={"report_to": ["wandb"]}),
+         ["train.report_to: wandb needs wandb, which is not installed: pip install 'rmtrain[wandb]'"], patch=block_wandb_import),
     Case("bf16-unsupported", "Model", "`train.bf16: true` where the device has no bf16 (simulated: this CPU has it)",
          lambda c: c.fit(train={"bf16": True}),
          ["train.bf16: true, but this device does not support bf16; set train.bf16: false (fp32), "
@@ -507,25 +514,28 @@ CASES = [
 
 CASES += [
     # Model folders given to eval, score and export ---------------------------------------------------
-    Case("eval-not-a-model", "eval, score, export, serve, binarize", "`rmtrain eval` on a folder that holds neither a model nor a run",
+    Case("eval-not-a-model", "eval, score, export, serve, plot, binarize", "`rmtrain eval` on a folder that holds neither a model nor a run",
          lambda c: ["eval", str(notes_folder(c)), "--data", str(c.data())],
          ["<tmp>/notes: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); give a finished run "
           "or a model folder"]),
-    Case("score-missing-folder", "eval, score, export, serve, binarize", "`rmtrain score` on a folder that does not exist",
+    Case("score-missing-folder", "eval, score, export, serve, plot, binarize", "`rmtrain score` on a folder that does not exist",
          lambda c: ["score", str(c.tmp / "no-such-run"), "--data", str(c.data())],
          ["<tmp>/no-such-run: no such model folder; give a finished run or a model folder"]),
-    Case("export-unfinished-run", "eval, score, export, serve, binarize", "`rmtrain export` on a run that has not finished (killed: checkpoints, no final model)",
+    Case("export-unfinished-run", "eval, score, export, serve, plot, binarize", "`rmtrain export` on a run that has not finished (killed: checkpoints, no final model)",
          unfinished_run,
          ["<tmp>/run: a run that has not finished (no final model yet); let it finish, or resume it with rmtrain fit --resume"],
          check=nothing_exported),
-    Case("serve-without-extra", "eval, score, export, serve, binarize", "`rmtrain serve` without the `serve` extra (FastAPI blocked from importing)",
+    Case("serve-without-extra", "eval, score, export, serve, plot, binarize", "`rmtrain serve` without the `serve` extra (FastAPI blocked from importing)",
          lambda c: ["serve", c.models["tiny-qwen3"]],
          ["rmtrain serve needs fastapi, which is not installed: pip install 'rmtrain[serve]'"], patch=block_fastapi_import),
-    Case("serve-port-taken", "eval, score, export, serve, binarize", "`rmtrain serve --port P` where another process listens on P",
+    Case("serve-port-taken", "eval, score, export, serve, plot, binarize", "`rmtrain serve --port P` where another process listens on P",
          port_taken, ["--host 127.0.0.1 --port <port>: cannot listen there (Address already in use); pick another port"]),
-    Case("binarize-out-exists", "eval, score, export, serve, binarize", "`rmtrain binarize LISTS OUT` where OUT exists, no `--overwrite`",
+    Case("plot-not-a-run", "eval, score, export, serve, plot, binarize", "`rmtrain plot` on a folder without metrics.jsonl",
+         lambda c: ["plot", str(notes_folder(c)), "--out", str(c.tmp / "curves.png")],
+         ["<tmp>/notes: no metrics.jsonl (is it an rmtrain run folder?)"]),
+    Case("binarize-out-exists", "eval, score, export, serve, plot, binarize", "`rmtrain binarize LISTS OUT` where OUT exists, no `--overwrite`",
          existing_pairs_file, ["<tmp>/pairs.jsonl: exists; pass --overwrite to replace it, or choose another file"], check=pairs_file_kept),
-    Case("eval-checkpoint-folder", "eval, score, export, serve, binarize", "`rmtrain eval` on a checkpoint folder instead of its run",
+    Case("eval-checkpoint-folder", "eval, score, export, serve, plot, binarize", "`rmtrain eval` on a checkpoint folder instead of its run",
          lambda c: (unfinished_run(c), ["eval", str(c.out / "checkpoints" / "checkpoint-2"), "--data", str(c.data())])[1],
          ["<tmp>/run/checkpoints/checkpoint-2: a training checkpoint (for --resume), not a model; use the run's folder "
           "once it has finished"], check=untouched),

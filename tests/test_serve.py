@@ -92,6 +92,31 @@ def scores_of(model: str, rows: list[dict], tmp_path: Path, name: str) -> list[f
     return [json.loads(line)["reward"] for line in out.read_text().splitlines()]
 
 
+def concurrent_clients(server: Server, groups: list[dict], expected: list[float]) -> None:
+    offsets = [sum(len(g["completions"]) for g in groups[:i]) for i in range(len(groups))]
+    failures: list[str] = []
+
+    def client(number: int) -> None:
+        rng = random.Random(number)
+        for _ in range(16):
+            i = rng.randrange(len(groups))
+            status, body = server.post("/score", groups[i])
+            want = expected[offsets[i] : offsets[i] + len(groups[i]["completions"])]
+            if status != 200 or max(abs(a - b) for a, b in zip(body["rewards"], want)) >= 1e-4:
+                failures.append(f"client {number}, group {i}: {status} {body}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "clients did not finish in 300 s"
+    assert failures == [], failures[:3]
+    assert time.monotonic() - start < 300
+    assert server.get("/health")[1]["batches"] < 8 * 16 + 2  # concurrent requests shared batches
+
+
 @pytest.fixture(scope="module")
 def minilm_folder(minilm, tmp_path_factory) -> str:
     """MiniLM with its reward head saved: the pretrained folder has none, so every load would draw another."""
@@ -125,30 +150,10 @@ def test_server_rewards_equal_rmtrain_score_and_concurrent_clients_get_theirs(mo
         if model_name == "tiny_qwen3":  # a decoder's group is one row: its prompt computed once
             assert server.get("/health")[1]["layout"] == "shared_prefix"
 
-        # 8 concurrent clients x 16 requests, each one group: every answer is its own group's rewards.
-        offsets = [sum(len(g["completions"]) for g in groups[:i]) for i in range(len(groups))]
-        failures: list[str] = []
-
-        def client(number: int) -> None:
-            rng = random.Random(number)
-            for _ in range(16):
-                i = rng.randrange(len(groups))
-                status, body = server.post("/score", groups[i])
-                want = expected[offsets[i] : offsets[i] + len(groups[i]["completions"])]
-                if status != 200 or max(abs(a - b) for a, b in zip(body["rewards"], want)) >= 1e-4:
-                    failures.append(f"client {number}, group {i}: {status} {body}")
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-        start = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
-        assert not any(thread.is_alive() for thread in threads), "clients did not finish in 300 s"
-        assert failures == [], failures[:3]
-        assert time.monotonic() - start < 300
-        if model_name == "tiny_qwen3":  # within its token budget, concurrent requests share batches
-            assert server.get("/health")[1]["batches"] < 8 * 16 + 2
+        # 8 concurrent clients x 16 requests, each one group: every answer is its own group's rewards (tiny Qwen3:
+        # the worker and its batching are the same code for an encoder).
+        if model_name == "tiny_qwen3":
+            concurrent_clients(server, groups, expected)
     finally:
         status = server.terminate()
     assert status == 0, server.log.read_text()[-3000:]
