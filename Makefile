@@ -33,11 +33,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/rmtrain eval runs/demo --data data/demo/eval.jsonl --json runs/demo/eval.json
 
 # rmtrain vs TRL 1.16 RewardTrainer on the same models, data and settings (TRL installed as the bench extra).
-# BENCH_ARGS=--quick for a short smoke run; then `rmtrain eval` vs TRL evaluate() (BENCH_EVAL_ARGS=--quick).
+# BENCH_ARGS=--quick for a short smoke run; then `rmtrain eval` vs TRL evaluate() (BENCH_EVAL_ARGS=--quick), ranked
+# lists vs TRL on their binarized pairs (BENCH_LISTS_ARGS), and `rmtrain serve` vs GRPOTrainer's in-process scoring.
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_eval.py $(BENCH_EVAL_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_lists.py $(BENCH_LISTS_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_serve.py $(BENCH_SERVE_ARGS)
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -42,6 +42,16 @@ def fit(tmp_path: Path, tree: dict, *extra: str):
     return result
 
 
+def fit_here(tree: dict, capsys) -> str:
+    """`fit` in this process (no interpreter start, no imports again); returns what it printed."""
+    from rmtrain.config import parse_recipe
+    from rmtrain.train import fit as run_fit
+
+    capsys.readouterr()
+    run_fit(parse_recipe(tree))
+    return " ".join(capsys.readouterr().err.split())
+
+
 def rmtrain_rewards(model_dir: Path, rows: list[dict]) -> tuple[list[float], list[str]]:
     """Rewards as rmtrain computes them, and the texts (with the EOS rmtrain appends) for plain transformers."""
     rm, max_length = load_saved(model_dir)
@@ -161,15 +171,15 @@ def test_smollm2_lora_fit_adapter_and_merged_folder(tmp_path, smollm2, shared_da
     assert [r["row"] for r in records] == [0, 1, 2, 3] and (tmp_path / "report" / "reliability.png").is_file()
 
 
-def test_passes_of_at_most_max_tokens_per_forward_train_the_same_model(tmp_path, tiny_qwen3, shared_data):
+def test_passes_of_at_most_max_tokens_per_forward_train_the_same_model(tmp_path, tiny_qwen3, shared_data, capsys):
     """A batch computed in several forward/backward passes gives the one-pass gradient: same losses."""
     runs = {}
     for budget in (None, 96):
         out = tmp_path / f"budget-{budget}"
         tree = base_recipe({"name_or_path": tiny_qwen3}, shared_data, out, train={"max_tokens_per_forward": budget, "max_steps": 4})
-        result = fit(tmp_path, tree)
+        printed = fit_here(tree, capsys)
         runs[budget] = out
-        assert ("at most 96 tokens per forward" if budget else "one forward per batch") in result.stderr
+        assert ("at most 96 tokens per forward" if budget else "one forward per batch") in printed
     one, split = metrics(runs[None], "train"), metrics(runs[96], "train")
     assert len(one) == len(split) == 4
     # Several passes per batch really happened: each pads only to its own widest pair.
@@ -203,7 +213,7 @@ def test_minilm_on_hh_beats_chance(tmp_path, minilm, shared_data):
 
 
 @pytest.mark.parametrize("model", ["tiny_qwen3", "minilm"])
-def test_training_only_seen_embedding_rows_is_the_same_training(tmp_path, model, request, shared_data):
+def test_training_only_seen_embedding_rows_is_the_same_training(tmp_path, model, request, shared_data, capsys):
     """`embedding_rows: seen` (default) against `all` (TRL's way): same losses, same saved weights; the rows of
     tokens absent from the training data are exactly the pretrained ones, and the saved model is plain."""
     from safetensors.torch import load_file
@@ -213,7 +223,7 @@ def test_training_only_seen_embedding_rows_is_the_same_training(tmp_path, model,
     for rows in ("all", "seen"):
         out = tmp_path / rows
         tree = base_recipe({"name_or_path": name_or_path}, shared_data, out, train={"embedding_rows": rows, "max_steps": 4})
-        logs[rows] = fit(tmp_path, tree).stderr
+        logs[rows] = fit_here(tree, capsys)
         runs[rows] = out
     assert "rows occur in the training data and are optimized" in logs["seen"]
     assert "rows occur in the training data" not in logs["all"]

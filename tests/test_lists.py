@@ -22,7 +22,8 @@ from rmtrain.diagnostics import kendall_tau, top1_correct
 from rmtrain.errors import DataError
 from rmtrain.loss import Objective, bradley_terry_loss, plackett_luce_terms
 from rmtrain.model import batch_rewards, load_reward_model
-from tests.conftest import read_jsonl, rmtrain_cli, write_recipe
+from tests.conftest import read_jsonl, rmtrain_cli
+from tests.test_fit import fit_here
 
 LISTS = "arena_bench_v1_lists.jsonl"
 
@@ -249,7 +250,7 @@ def test_a_list_in_chunks_trains_as_the_list_in_one_pass(qwen, shared_data, list
 
 
 @pytest.mark.shared_data
-def test_fit_on_lists_matches_fit_on_binarized_pairs(tmp_path, tiny_qwen3, shared_data):
+def test_fit_on_lists_matches_fit_on_binarized_pairs(tmp_path, tiny_qwen3, shared_data, capsys):
     """`rmtrain fit` on lists and on their binarized pairs, one batch per epoch, fp32: the same per-step
     losses (every pair weighs the same); the list run logs lists and completions per second."""
     rows = short_lists(shared_data, 4, completions=5, chars=160)
@@ -262,11 +263,8 @@ def test_fit_on_lists_matches_fit_on_binarized_pairs(tmp_path, tiny_qwen3, share
             "train": {"output_dir": str(out), "per_device_batch_size": batch, "num_epochs": 3, "logging_steps": 1,
                       "learning_rate": 1e-3, "gradient_checkpointing": False},
         }
-        recipes = tmp_path / f"{name}-recipe"
-        recipes.mkdir()
-        result = rmtrain_cli("fit", str(write_recipe(recipes, tree)))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], result.stderr)
+        printed = fit_here(tree, capsys)
+        runs[name] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], printed)
     lists, pairs = runs["lists"][0], runs["pairs"][0]
     assert [r["step"] for r in lists] == [r["step"] for r in pairs] == [1, 2, 3]
     for a, b in zip(lists, pairs):

@@ -1,0 +1,218 @@
+"""`make bench`, the reward server: `rmtrain serve` against TRL GRPOTrainer's in-process reward scoring.
+
+    python scripts/bench_serve.py [--models tiny-qwen3,smollm2] [--clients 8] [--requests 8] [--group 8] [--quick]
+                                  [--out FILE] [--work-dir DIR]
+
+Workload: groups of G=8 completions per prompt, as GRPO samples them. Prompts are HH-harmless conversations up
+to their last "Assistant:" (../shared/data/hh_harmless_test.jsonl); completions are the last answers of other
+rows (chosen and rejected), so they read like replies. Every client sends its requests one after the other,
+`--clients` clients at once, each request one group (`POST /score`).
+
+Compared, on the same groups and model folder (fp32):
+  (a) in-process, as TRL 1.16's GRPOTrainer scores a reward model: the group's texts `prompt + completion`
+      through plain transformers in one padded batch (`tokenizer(texts, padding=True, padding_side="right",
+      add_special_tokens=False)`), one group after another -- its `_calculate_rewards` for a per-device batch
+      of one prompt's G generations. The texts get the EOS training appended, so both read the same tokens.
+  (b) `rmtrain serve --no-share-prefix`: the same server, every completion its own padded sequence;
+  (c) `rmtrain serve` (defaults): a group is one row, its prompt computed once (segment attention).
+Measured: completions/s over the whole workload, latency per request (p50, p99), tokens computed (the server's
+/health counts; (a) the padded batch sizes), and failed requests (must be zero).
+
+Models: tiny random Qwen3 (real Qwen tokenizer) and SmolLM2-135M-Instruct (GGUF, dequantized; its randomly
+initialised score head, seeded), each saved as a plain model folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import ROOT, check_prerequisites, machine_info, machine_line  # noqa: E402
+
+
+def groups_from_hh(data_dir: Path, count: int, size: int, seed: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in (data_dir / "hh_harmless_test.jsonl").read_text().splitlines()[: count + 400]]
+    answers = [r[side].rsplit("\n\nAssistant:", 1)[1] for r in rows for side in ("chosen", "rejected")]
+    answers = [a for a in answers if a.strip()]
+    rng = random.Random(seed)
+    return [{"prompt": r["chosen"].rsplit("\n\nAssistant:", 1)[0] + "\n\nAssistant:", "completions": rng.sample(answers, size)}
+            for r in rows[:count]]
+
+
+def save_models(work: Path, names: list[str]) -> dict[str, Path]:
+    """Plain model folders (as a run or an export leaves them) for each model, built with rmtrain's own loader."""
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from rmtrain.config import ModelConfig
+from rmtrain.model import load_reward_model
+from rmtrain.saved import save_model_folder
+from tests.assets import SMOLLM2_GGUF, build_tiny_qwen3, smollm2_dir
+name, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(42)
+mc = ModelConfig(name_or_path=build_tiny_qwen3(out + "-base")) if name == "tiny-qwen3" else ModelConfig(name_or_path=smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+rm = load_reward_model(mc)
+save_model_folder(rm.model, None, rm.tokenizer, rm.fmt, 1024, out)
+"""
+    folders = {}
+    for name in names:
+        out = work / name
+        if not (out / "config.json").is_file():
+            subprocess.run([sys.executable, "-c", code, name, str(out), str(ROOT)], check=True, cwd=ROOT,
+                           env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True)
+        folders[name] = out
+    return folders
+
+
+def in_process(folder: Path, groups: list[dict]) -> dict:
+    """(a): GRPOTrainer's way, one padded batch per group, in this process."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).eval()
+    eos = json.loads((folder / "rmtrain_format.json").read_text()).get("append_eos") or ""
+    latencies, tokens, completions = [], 0, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for group in groups:
+            t0 = time.perf_counter()
+            texts = [group["prompt"] + c + eos for c in group["completions"]]
+            batch = tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
+            model(**batch).logits[:, 0].tolist()
+            latencies.append(time.perf_counter() - t0)
+            tokens += batch["input_ids"].numel()
+            completions += len(texts)
+    seconds = time.perf_counter() - start
+    return {"completions_per_s": completions / seconds, "latencies": latencies, "computed_tokens": tokens, "failed": 0, "seconds": seconds}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served(folder: Path, groups: list[dict], clients: int, requests: int, extra: list[str], log: Path) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "rmtrain", "serve", str(folder), "--port", str(port), *extra],
+                               cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                               env=os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                call("/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        call("/score", groups[0])  # warm-up
+        before = call("/health")
+        latencies: list[float] = []
+        failed = [0]
+        lock = threading.Lock()
+
+        def client(number: int) -> None:
+            for i in range(requests):
+                group = groups[(number * requests + i) % len(groups)]
+                t0 = time.perf_counter()
+                try:
+                    rewards = call("/score", group)["rewards"]
+                    ok = len(rewards) == len(group["completions"])
+                except (urllib.error.URLError, ConnectionError, KeyError):
+                    ok = False
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    failed[0] += not ok
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+        after = call("/health")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=120)
+    completions = sum(len(groups[(n * requests + i) % len(groups)]["completions"]) for n in range(clients) for i in range(requests))
+    return {"completions_per_s": completions / seconds, "latencies": latencies, "failed": failed[0], "seconds": seconds,
+            "computed_tokens": after["computed_tokens"] - before["computed_tokens"], "exit_status": status,
+            "batches": after["batches"] - before["batches"]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny-qwen3,smollm2")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=8, help="requests per client")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--quick", action="store_true", help="2 requests per client")
+    parser.add_argument("--out", default="bench-serve-results.json")
+    parser.add_argument("--work-dir", default=None)
+    args = parser.parse_args()
+    data_dir = check_prerequisites()
+    if data_dir is None:
+        return 2
+    requests = 2 if args.quick else args.requests
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="rmtrain-bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    folders = save_models(work, names)
+    groups = groups_from_hh(data_dir, args.clients * requests, args.group)
+    results: dict = {"machine": machine, "clients": args.clients, "requests_per_client": requests, "group": args.group, "models": {}}
+    for name in names:
+        runs = {
+            "(a) in-process, GRPOTrainer's way": in_process(folders[name], [groups[i % len(groups)] for i in range(args.clients * requests)]),
+            "(b) rmtrain serve --no-share-prefix": served(folders[name], groups, args.clients, requests, ["--no-share-prefix"], work / f"{name}-b.log"),
+            "(c) rmtrain serve": served(folders[name], groups, args.clients, requests, [], work / f"{name}-c.log"),
+        }
+        base = runs["(a) in-process, GRPOTrainer's way"]["completions_per_s"]
+        lines = [f"**{name}: {args.clients} clients x {requests} requests, G={args.group} completions per request (HH prompts)**", "",
+                 "| scoring | completions/s | vs (a) | p50 latency s | p99 latency s | tokens computed | failed |", "|---|---|---|---|---|---|---|"]
+        for label, r in runs.items():
+            lines.append(f"| {label} | {r['completions_per_s']:.1f} | x{r['completions_per_s'] / base:.2f} | {percentile(r['latencies'], 0.5):.3f} | "
+                         f"{percentile(r['latencies'], 0.99):.3f} | {r['computed_tokens']:,} | {r['failed']} |")
+        table = "\n".join(lines)
+        print("\n" + table + "\n", flush=True)
+        results["models"][name] = {"runs": {k: {**v, "p50": percentile(v["latencies"], 0.5), "p99": percentile(v["latencies"], 0.99),
+                                                 "latencies": None} for k, v in runs.items()}, "table": table}
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results in {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
