@@ -153,48 +153,78 @@ def collate_packed(groups: list[Group], pad_token_id: int) -> dict[str, torch.Te
 def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: str = "bool") -> dict[str, torch.Tensor]:
     """One row per group: prefix + c_1 + ... + c_K, each completion blind to the others, positions continued.
 
-    mask_format: "segments" (rmtrain.attention: each sequence attended on its own, no mask), "bool" (a 4D
-    mask, True = may attend; SDPA) or "float" (0 / dtype-min additive; eager attention).
+    mask_format: "segments" (rmtrain.attention: each sequence attended on its own, no mask; used for batches
+    with a row of three or more completions, which then all go into one row without padding, since nothing
+    attends across them; other batches get the SDPA mask), "bool" (a 4D mask, True = may attend; SDPA) or
+    "float" (0 / dtype-min additive; eager attention).
     """
+    if mask_format == "segments" and all(len(g.completions) <= 2 for g in groups):
+        mask_format = "bool"  # pairs: the mask costs about what segments cost, without the gathering
+    if mask_format == "segments":
+        return _collate_segments(groups)
     width = max(group_shape(g, "shared_prefix")[0] for g in groups)
     size = len(groups)
     input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((size, width), dtype=torch.long)
-    allowed = torch.zeros((size, 1, width, width) if mask_format != "segments" else (size, 1, 1, 1), dtype=torch.bool)
-    causal = torch.ones((width, width), dtype=torch.bool).tril() if mask_format != "segments" else None
+    allowed = torch.zeros((size, 1, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
     ends = []
     real = 0
     for row, g in enumerate(groups):
         n = len(g.prefix)
         total = n + sum(len(c) for c in g.completions)
         input_ids[row, :total] = torch.tensor(g.prefix + [t for c in g.completions for t in c], dtype=torch.long)
-        block = causal[:total, :total].clone() if mask_format != "segments" else None
+        position_ids[row, :total] = torch.tensor(_positions(g), dtype=torch.long)
+        block = causal[:total, :total].clone()
         start = n
         for c in g.completions:
             end = start + len(c)
-            position_ids[row, start:end] = torch.arange(n, n + len(c))
-            if block is not None:
-                block[start:end, n:start] = False  # blind to the completions before it (causality hides the later ones)
+            block[start:end, n:start] = False  # blind to the completions before it (causality hides the later ones)
             ends.append(row * width + end - 1)
             real += n + len(c)
             start = end
-        position_ids[row, :n] = torch.arange(n)
-        if mask_format != "segments":
-            allowed[row, 0, :total, :total] = block
-            # Padding rows attend to themselves only, so no softmax runs over an empty row.
-            allowed[row, 0, range(total, width), range(total, width)] = True
+        allowed[row, 0, :total, :total] = block
+        # Padding rows attend to themselves only, so no softmax runs over an empty row.
+        allowed[row, 0, range(total, width), range(total, width)] = True
     batch = {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(real),
     }
-    if mask_format == "segments":
-        batch["segments"] = attention.segments(groups, width)
-    elif mask_format == "float":
+    if mask_format == "float":
         batch["attention_mask"] = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     else:
         batch["attention_mask"] = allowed
+    return batch | targets(groups)
+
+
+def _positions(g: Group) -> list[int]:
+    """The prefix's positions, then each completion's, continuing the prefix's."""
+    n = len(g.prefix)
+    return list(range(n)) + [p for c in g.completions for p in range(n, n + len(c))]
+
+
+def _collate_segments(groups: list[Group]) -> dict[str, torch.Tensor]:
+    """Every group in one row, back to back (no padding), for segment attention: the segments say what attends to what."""
+    ids, positions, ends, bases = [], [], [], []
+    real = 0
+    for g in groups:
+        bases.append(len(ids))
+        ids.extend(g.prefix + [t for c in g.completions for t in c])
+        positions.extend(_positions(g))
+        end = bases[-1] + len(g.prefix)
+        for c in g.completions:
+            end += len(c)
+            ends.append(end - 1)
+            real += len(g.prefix) + len(c)
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "reward_index": torch.tensor(ends, dtype=torch.long),
+        "real_tokens": torch.tensor(real),
+        "segments": attention.segments(groups, bases),
+    }
     return batch | targets(groups)
 
 

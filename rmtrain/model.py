@@ -238,9 +238,13 @@ def sequence_rewards(
     handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
         extra = {} if segments is None else {KEYWORD: segments}
-        if segments is not None and not attention_is_segmented(model):
-            # Its attention would ignore the segments and attend across the whole row: wrong, and silently.
-            raise RuntimeError("a shared-prefix batch without a mask for a model not switched to segment attention")
+        if segments is not None:
+            if not attention_is_segmented(model):
+                # Its attention would ignore the segments and attend across the whole row: wrong, and silently.
+                raise RuntimeError("a shared-prefix batch without a mask for a model not switched to segment attention")
+            # A 4D "mask" goes to the attention as it is: transformers builds none (its packed-sequence mask over
+            # the whole row would be rows x rows), and segment attention reads the segments instead.
+            attention_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
     finally:
         handle.remove()

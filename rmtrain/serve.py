@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from rmtrain.batching import choose_layout, inference_loader
 from rmtrain.data import Group, check_messages, check_no_pad, completion_texts, truncate_left
@@ -218,9 +219,7 @@ class Scorer:
             keys = batch["key"]
             if any(owner[k] in failed for k in keys.tolist()):
                 continue
-            moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if "segments" in batch:
-                moved["segments"] = {k: v.to(self.device) for k, v in batch["segments"].items()}
+            moved = send_to_device(batch, self.device)
             try:
                 rewards[keys] = batch_rewards(self.rm.model, self.rm, moved).cpu()
             except (torch.OutOfMemoryError, RuntimeError) as error:
