@@ -161,8 +161,8 @@ def test_kill_9_then_signal_then_resume_ends_as_an_uninterrupted_run(
     assert status != 0
     if num_processes == 1:
         assert status == 128 + stop_signal  # 130 for SIGINT, 143 for SIGTERM
-    else:
-        assert f"got signal: {int(stop_signal)}" in console  # torch's launcher re-raises the signal it forwarded
+    # (2 processes: torch's launcher ends non-zero after forwarding the signal; whether it prints its own
+    # "got signal" traceback before exiting varies with timing, so only the status is checked.)
     step = int(stopped.group(1))
     assert newest < step < STEPS
     assert Path(stopped.group(2)) == out / "checkpoints" / f"checkpoint-{step}"
