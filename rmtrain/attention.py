@@ -41,7 +41,7 @@ def _attention(original: str):
         batch, heads, width, dim = query.shape
         flat = lambda states: states.transpose(1, 2).reshape(batch * width, states.shape[1], dim)  # noqa: E731
         q, k, v = flat(query), flat(key), flat(value)
-        rows = query.new_zeros(batch * width, heads, dim)
+        outputs = []
         for part in segments["parts"]:  # the prefixes, then the completions: each padded only to its own kind
             mask = part["mask"]
             window = kwargs.get("sliding_window")
@@ -56,8 +56,9 @@ def _attention(original: str):
                 scale=scaling,
                 enable_gqa=key.shape[1] != heads,
             )
-            # Every real token is the query of exactly one virtual sequence; padding positions stay zero.
-            rows = rows.index_copy(0, part["q_flat"], out.transpose(1, 2)[part["q_valid"]].to(query.dtype))
+            outputs.append(out.transpose(1, 2)[part["q_valid"]])
+        # Every real token is the query of exactly one virtual sequence: one copy puts them back in row order.
+        rows = query.new_zeros(batch * width, heads, dim).index_copy(0, segments["q_flat"], torch.cat(outputs).to(query.dtype))
         return rows.reshape(batch, width, heads, dim), None
 
     return attention
@@ -93,10 +94,11 @@ def segments(groups, bases: list[int]) -> dict:
             own_at = list(range(n, n + len(completion)))
             completions.append((own, own_at, list(range(base, base + n)) + own, list(range(n)) + own_at))
             start += len(completion)
-    return {"parts": [_part(chunk) for sequences in (prefixes, completions) for chunk in _similar(sequences)]}
+    parts = [_part(chunk) for sequences in (prefixes, completions) for chunk in _similar(sequences)]
+    return {"parts": parts, "q_flat": torch.cat([part["q_flat"] for part in parts])}
 
 
-def _similar(sequences: list, waste: float = 0.25) -> list[list]:
+def _similar(sequences: list, waste: float = 0.5) -> list[list]:
     """Virtual sequences in chunks of similar sizes, so that padding each chunk to its widest computes at most
     `waste` more than its sequences need (one long completion would otherwise pad every other one)."""
     ordered = sorted(sequences, key=lambda s: (len(s[2]), len(s[0])), reverse=True)

@@ -454,7 +454,8 @@ def token_counts(groups: list[Group], sampler: LengthGroupedBatchSampler, layout
 
 
 def sorted_batches(
-    costs: list[int], sizes: list[int], max_sequences: int, max_tokens: int | None = None, max_padding: float = 0.1
+    costs: list[int], sizes: list[int], max_sequences: int, max_tokens: int | None = None, max_padding: float = 0.1,
+    packs: list[bool] | None = None,
 ) -> list[list[int]]:
     """Indices of items (one padded row each, `costs` tokens wide, holding `sizes` sequences) longest first,
     cut into batches of at most `max_sequences` sequences and `max_tokens` tokens (padding included; an item
@@ -462,25 +463,30 @@ def sorted_batches(
 
     Without gradients nothing needs equal batch sizes, and on a CPU every padded token costs as much as a
     real one: a sparse long tail of lengths gets small batches, the dense middle full ones. The token bound
-    keeps a batch's activations small enough to stay in cache.
+    keeps a batch's activations small enough to stay in cache. A batch holding an item that `packs` (a list
+    under segment attention) is collated into one unpadded row: it costs the sum of its items, no padding.
     """
     order = sorted(range(len(costs)), key=lambda i: -costs[i])
     batches: list[list[int]] = []
     current: list[int] = []
     real = sequences = 0
+    packed = False
     for index in order:
+        joins_packed = packed or (packs is not None and packs[index])
         if current:
-            padded = costs[current[0]] * (len(current) + 1)
+            computed = real + costs[index] if joins_packed else costs[current[0]] * (len(current) + 1)
             if (
                 sequences + sizes[index] > max_sequences
-                or padded > (1 + max_padding) * (real + costs[index])
-                or (max_tokens is not None and padded > max_tokens)
+                or computed > (1 + max_padding) * (real + costs[index])
+                or (max_tokens is not None and computed > max_tokens)
             ):
                 batches.append(current)
                 current, real, sequences = [], 0, 0
+                joins_packed = packs is not None and packs[index]
         current.append(index)
         real += costs[index]
         sequences += sizes[index]
+        packed = joins_packed
     if current:
         batches.append(current)
     return batches
@@ -526,6 +532,7 @@ def inference_loader(
     items = inference_items(groups, layout, max_tokens)
     costs = [group_cost(g, layout) for _, g in items]
     sizes = [len(g.completions) for _, g in items]
-    batches = sorted_batches(costs, sizes, max_sequences, max_tokens)
+    packs = [layout == "shared_prefix" and mask_format == "segments" and size > 2 for size in sizes]
+    batches = sorted_batches(costs, sizes, max_sequences, max_tokens, packs=packs)
     collate = partial(collate_keyed, collate=collate_for(layout, pad_token_id, mask_format))
     return DataLoader(items, batch_sampler=batches, collate_fn=collate), sum(len(g.completions) for g in groups)

@@ -49,8 +49,14 @@ def auto_tokens_per_forward(config, bf16: bool, gradient_checkpointing: bool, de
     return tokens, note
 
 
+INFERENCE_MIN_TOKENS = 2048
+"""The least `auto` gives inference: a prompt with its completions (a pair, a list, a served group) must fit one
+pass, or the prompt is computed again for every chunk of its completions."""
+
+
 def inference_tokens_per_forward(model: nn.Module, device: torch.device) -> int:
-    """`auto` for eval and score: as training without gradient checkpointing (an inference forward keeps
-    nothing, but a batch's activations still pass through memory at once), in the model's dtype."""
+    """`auto` for eval, score and serve: as training without gradient checkpointing, in the model's dtype, and at
+    least `INFERENCE_MIN_TOKENS`. Training's estimate counts every layer's activations, which an inference forward
+    never holds at once (it keeps one layer's), so it can take the floor without leaving the memory budget."""
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    return auto_tokens_per_forward(model.config, bf16, False, device)[0]
+    return max(INFERENCE_MIN_TOKENS, auto_tokens_per_forward(model.config, bf16, False, device)[0])

@@ -131,6 +131,13 @@ def test_sorted_batches_hand_case():
     assert sorted_batches([30, 2], [1, 1], max_sequences=3, max_tokens=12) == [[0], [1]]
     # Items holding several sequences (shared-prefix groups) count them all: two pairs fill 4 sequences.
     assert sorted_batches([6, 6, 6], [2, 2, 2], max_sequences=4) == [[0, 1], [2]]
+    # Lists under segment attention pack into one unpadded row: a batch costs the sum of its items, so padding
+    # never cuts it, and the token budget counts that sum: [10, 9] would pad to 20 but packs into 19 <= 20, then
+    # 19 + 5 > 20; [5, 5, 4, 1] = 15. A batch is packed as soon as it holds a packing item.
+    packs = [True] * 6
+    assert sorted_batches([10, 9, 5, 5, 4, 1], [3] * 6, max_sequences=12, max_tokens=20, packs=packs) == [[0, 1], [2, 3, 4, 5]]
+    assert sorted_batches([10, 2, 1], [3, 2, 2], max_sequences=12, packs=[True, False, False]) == [[0, 1, 2]]
+    assert sorted_batches([10, 2, 1], [2, 2, 2], max_sequences=12, packs=[False, False, False]) == [[0], [1], [2]]  # padded
 
 
 # --------------------------------------------------------------------------------------------------

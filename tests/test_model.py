@@ -113,3 +113,23 @@ def test_auto_tokens_per_forward_from_the_real_minilm_config(minilm):
     assert auto_tokens_per_forward(config, True, False, cpu)[0] == 4096
     tokens, note = auto_tokens_per_forward(object(), False, False, cpu)
     assert tokens == 8192 and "no hidden_size/num_hidden_layers" in note
+
+
+def test_inference_budget_keeps_a_prompt_and_its_completions_in_one_pass(minilm, smollm2):
+    """Inference takes training's estimate without checkpointing, at least 2048 tokens: SmolLM2 in fp32 (30 layers,
+    hidden 576, intermediate 1536: 4 * 30 * (8 * 576 + 4 * 1536) = 1,290,240 bytes a token) would get 416 -> 256
+    tokens, which cuts a served group of 8 HH answers into chunks that each compute the prompt again."""
+    from transformers import AutoConfig
+
+    from rmtrain.budget import INFERENCE_MIN_TOKENS, inference_tokens_per_forward
+
+    path, gguf = smollm2
+    cpu = torch.device("cpu")
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+    assert activation_bytes_per_token(config, 4, gradient_checkpointing=False) == 1_290_240
+    assert auto_tokens_per_forward(config, False, False, cpu)[0] == 256
+    tiny = torch.nn.Linear(1, 1)
+    tiny.config = config
+    assert inference_tokens_per_forward(tiny, cpu) == INFERENCE_MIN_TOKENS == 2048
+    tiny.config = AutoConfig.from_pretrained(minilm)
+    assert inference_tokens_per_forward(tiny, cpu) == 2048  # MiniLM's own estimate, unchanged
