@@ -147,7 +147,7 @@ def run_eval(
     data_path: str | None,
     split: str = "train",
     max_length: int | None = None,
-    truncation: str = "filter",
+    truncation: str | None = None,
     batch_size: int = 16,
     json_out: str | None = None,
     subset_field: str | None = None,

@@ -1,7 +1,7 @@
 """`make bench`, the reward server: `rmtrain serve` against TRL GRPOTrainer's in-process reward scoring.
 
     python scripts/bench_serve.py [--models tiny-qwen3,smollm2] [--clients 8] [--requests 8] [--group 8] [--quick]
-                                  [--out FILE] [--work-dir DIR]
+                                  [--repeats N] [--out FILE] [--work-dir DIR]
 
 Workload: groups of G=8 completions per prompt, as GRPO samples them. Prompts are HH-harmless conversations up
 to their last "Assistant:" (../shared/data/hh_harmless_test.jsonl); completions are the last answers of other
@@ -171,6 +171,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The repeat with the median completions/s, its latency percentiles; failures summed over every repeat."""
+    ordered = sorted(runs, key=lambda r: r["completions_per_s"])
+    middle = ordered[len(ordered) // 2]
+    return {**middle, "p50": percentile(middle["latencies"], 0.5), "p99": percentile(middle["latencies"], 0.99),
+            "latencies": None, "failed": sum(r["failed"] for r in runs)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny-qwen3,smollm2")
@@ -178,6 +186,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--quick", action="store_true", help="2 requests per client")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate (a), (b), (c) this many times; medians")
     parser.add_argument("--out", default="bench-serve-results.json")
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args()
@@ -193,22 +202,30 @@ def main() -> int:
     folders = save_models(work, names)
     groups = groups_from_hh(data_dir, args.clients * requests, args.group)
     results: dict = {"machine": machine, "clients": args.clients, "requests_per_client": requests, "group": args.group, "models": {}}
+    labels = ("(a) in-process, GRPOTrainer's way", "(b) rmtrain serve --no-share-prefix", "(c) rmtrain serve")
     for name in names:
-        runs = {
-            "(a) in-process, GRPOTrainer's way": in_process(folders[name], [groups[i % len(groups)] for i in range(args.clients * requests)]),
-            "(b) rmtrain serve --no-share-prefix": served(folders[name], groups, args.clients, requests, ["--no-share-prefix"], work / f"{name}-b.log"),
-            "(c) rmtrain serve": served(folders[name], groups, args.clients, requests, [], work / f"{name}-c.log"),
-        }
-        base = runs["(a) in-process, GRPOTrainer's way"]["completions_per_s"]
-        lines = [f"**{name}: {args.clients} clients x {requests} requests, G={args.group} completions per request (HH prompts)**", "",
+        repeats: list[dict] = []
+        for rep in range(args.repeats):  # alternating, since this machine is noisy
+            print(f"{name}: repeat {rep + 1}/{args.repeats} ...", flush=True)
+            repeats.append({
+                labels[0]: in_process(folders[name], [groups[i % len(groups)] for i in range(args.clients * requests)]),
+                labels[1]: served(folders[name], groups, args.clients, requests, ["--no-share-prefix"], work / f"{name}-b.log"),
+                labels[2]: served(folders[name], groups, args.clients, requests, [], work / f"{name}-c.log"),
+            })
+        runs = {label: median_run([r[label] for r in repeats]) for label in labels}
+        base = runs[labels[0]]["completions_per_s"]
+        each = ", ".join(f"x{r[labels[2]]['completions_per_s'] / r[labels[0]]['completions_per_s']:.2f}" for r in repeats)
+        lines = [f"**{name}: {args.clients} clients x {requests} requests, G={args.group} completions per request (HH prompts)"
+                 + (f", median of {args.repeats} alternating repeats" if args.repeats > 1 else "") + "**", "",
                  "| scoring | completions/s | vs (a) | p50 latency s | p99 latency s | tokens computed | failed |", "|---|---|---|---|---|---|---|"]
         for label, r in runs.items():
-            lines.append(f"| {label} | {r['completions_per_s']:.1f} | x{r['completions_per_s'] / base:.2f} | {percentile(r['latencies'], 0.5):.3f} | "
-                         f"{percentile(r['latencies'], 0.99):.3f} | {r['computed_tokens']:,} | {r['failed']} |")
+            spread = f" ({min(x[label]['completions_per_s'] for x in repeats):.1f}-{max(x[label]['completions_per_s'] for x in repeats):.1f})" if args.repeats > 1 else ""
+            lines.append(f"| {label} | {r['completions_per_s']:.1f}{spread} | x{r['completions_per_s'] / base:.2f} | {r['p50']:.3f} | "
+                         f"{r['p99']:.3f} | {r['computed_tokens']:,} | {r['failed']} |")
+        lines += ["", f"(c) / (a) in each repeat: {each}"]
         table = "\n".join(lines)
         print("\n" + table + "\n", flush=True)
-        results["models"][name] = {"runs": {k: {**v, "p50": percentile(v["latencies"], 0.5), "p99": percentile(v["latencies"], 0.99),
-                                                 "latencies": None} for k, v in runs.items()}, "table": table}
+        results["models"][name] = {"runs": runs, "repeats": [{k: {**v, "latencies": None} for k, v in r.items()} for r in repeats], "table": table}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {args.out}", flush=True)
     return 0

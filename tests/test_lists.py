@@ -20,6 +20,7 @@ from rmtrain.config import ModelConfig, TrainConfig
 from rmtrain.data import Group, tokenize_rows
 from rmtrain.diagnostics import kendall_tau, top1_correct
 from rmtrain.errors import DataError
+from rmtrain.evaluate import run_eval
 from rmtrain.loss import Objective, bradley_terry_loss, plackett_luce_terms
 from rmtrain.model import batch_rewards, load_reward_model
 from tests.conftest import read_jsonl, rmtrain_cli
@@ -279,12 +280,10 @@ def test_eval_on_lists_equals_eval_on_binarized_pairs(tmp_path, tiny_qwen3, shar
     report = tmp_path / "report"
     lists_file, pairs_file = write_jsonl(tmp_path / "lists.jsonl", rows), tmp_path / "pairs.jsonl"
     assert binarize(str(lists_file), str(pairs_file), "all") == sum(len(list_pairs(r["scores"], "all")) for r in rows)
-    result = rmtrain_cli("eval", tiny_qwen3, "--data", str(lists_file), "--report", str(report), "--max-length", "512")
-    assert result.returncode == 0, result.stderr[-3000:]
+    # What `rmtrain eval --data F --report R --max-length 512` runs (in this process: no interpreter start).
+    run_eval(tiny_qwen3, str(lists_file), report_dir=str(report), max_length=512)
     on_lists = json.loads((report / "metrics.json").read_text())
-    result = rmtrain_cli("eval", tiny_qwen3, "--data", str(pairs_file), "--json", str(tmp_path / "pairs.json"), "--max-length", "512")
-    assert result.returncode == 0, result.stderr[-3000:]
-    on_pairs = json.loads((tmp_path / "pairs.json").read_text())
+    on_pairs = run_eval(tiny_qwen3, str(pairs_file), max_length=512)
     assert on_lists["num_pairs"] == on_pairs["num_pairs"] and on_lists["accuracy"] == on_pairs["accuracy"]
     assert abs(on_lists["loss"] - on_pairs["loss"]) < 1e-5
     # Top-1 and Kendall's tau, recomputed from the per-list records, and per subset.

@@ -192,3 +192,72 @@ def test_bad_requests_get_400_and_the_server_goes_on_then_sigterm_exits_0(tiny_q
     finally:
         status = server.terminate()
     assert status == 0, server.log.read_text()[-3000:]
+
+
+def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_on(tiny_qwen3, shared_data):
+    """In process (FastAPI's test client over the real app and worker): a real allocator failure in the forward of
+    the batch holding the long request; the short request gathered with it, in another batch, is answered, and so
+    is every request after."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from rmtrain.saved import load_saved
+    from rmtrain.serve import Scorer, Tokens, create_app
+
+    rm, max_length = load_saved(tiny_qwen3)
+    groups = hh_groups(shared_data, 2, 4)
+    long_group = {"prompt": groups[0]["prompt"] * 3, "completions": groups[0]["completions"]}
+    short_group = {"prompt": "Human: hi\n\nAssistant:", "completions": [" Hello.", " Go away."]}
+    tokens = Tokens(rm, max_length or 1024)
+    limit = sum(len(s) for s in tokens.group(short_group["prompt"], short_group["completions"], "")[0].completions) + 64
+    forward = rm.model.forward
+
+    def forward_that_runs_out(*args, **kwargs):
+        if kwargs["input_ids"].numel() > limit:
+            torch.empty(1 << 62, dtype=torch.uint8)  # a real allocator failure: 4 EiB
+        return forward(*args, **kwargs)
+
+    with TestClient(create_app(Scorer(rm, torch.device("cpu"), True, 256, 64, max_wait_s=0.5), tokens)) as client:
+        expected = client.post("/score", json=short_group).json()["rewards"]
+        rm.model.forward = forward_that_runs_out
+        answers: dict[str, tuple[int, dict]] = {}
+
+        def post(name: str, body: dict) -> None:
+            response = client.post("/score", json=body)
+            answers[name] = (response.status_code, response.json())
+
+        threads = [threading.Thread(target=post, args=args) for args in (("long", long_group), ("short", short_group))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        status, body = answers["long"]
+        assert status == 503 and "out of memory on the batch this request was in" in body["error"], body
+        assert answers["short"][0] == 200 and answers["short"][1]["rewards"] == pytest.approx(expected, abs=1e-5)
+        assert client.get("/health").json()["batches"] >= 2  # gathered into one round, scored in two batches
+        rm.model.forward = forward
+        response = client.post("/score", json=long_group)
+        assert response.status_code == 200 and len(response.json()["rewards"]) == len(long_group["completions"])
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_qwen3, tmp_path, shared_data):
+    """Requests sent before SIGTERM (held by a 1.5 s gathering window, so they are surely in flight when the signal
+    lands) are all answered with their rewards; then the server exits with status 0 and refuses new connections."""
+    groups = hh_groups(shared_data, 6, 4)
+    server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "1500")
+    answers: list[tuple[int, dict]] = []
+    try:
+        threads = [threading.Thread(target=lambda g=g: answers.append(server.post("/score", g))) for g in groups]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        status = server.process.wait(timeout=60)
+    finally:
+        server.kill()
+    assert status == 0, server.log.read_text()[-3000:]
+    assert sorted(len(body["rewards"]) for code, body in answers if code == 200) == [4] * len(groups), answers
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        server.get("/health")

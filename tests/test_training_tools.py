@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rmtrain.config import ModelConfig, load_recipe
+from rmtrain.evaluate import run_eval
 from rmtrain.model import load_reward_model
 from tests.conftest import read_jsonl, rmtrain_cli, write_recipe
 
@@ -140,9 +141,7 @@ def test_mixture_draws_by_weight_and_eval_sources_are_reported_one_by_one(tracke
     assert len(final["by_source"]) == 2
     assert sum(s["num_pairs"] for s in final["by_source"].values()) == final["num_pairs"]
     # `rmtrain eval RUN` without --data: each eval source on its own, the numbers fit logged.
-    result = rmtrain_cli("eval", str(out), "--json", str(tmp_path / "eval.json"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "eval.json").read_text())["sources"]
+    evaluated = run_eval(str(out), None)["sources"]  # `rmtrain eval RUN`, in this process
     assert list(evaluated) == list(final["by_source"]) == ["hh_harmless_test", "ultrafeedback_binarized_sample"]
     for (_, ours), theirs in zip(final["by_source"].items(), evaluated.values()):
         assert ours["num_pairs"] == theirs["num_pairs"] and ours["accuracy"] == theirs["accuracy"]
@@ -166,9 +165,7 @@ def test_best_checkpoint_is_a_plain_model_with_the_best_eval(tracked_run, tmp_pa
         rows.extend({k: r[k] for k in ("prompt", "chosen", "rejected") if k in r} for r in read_rows(source)[0])
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"chosen": (r.get("prompt") or "") + r["chosen"], "rejected": (r.get("prompt") or "") + r["rejected"]}) + "\n" for r in rows))
-    result = rmtrain_cli("eval", str(folder), "--data", str(data), "--truncation", "truncate", "--json", str(tmp_path / "best.json"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "best.json").read_text())["accuracy"] == best["value"]
+    assert run_eval(str(folder), str(data), truncation="truncate")["accuracy"] == best["value"]
 
 
 def test_curves_are_written_and_rmtrain_plot_overlays_runs(tracked_run, tmp_path):
