@@ -271,6 +271,23 @@ def notes_folder(ctx: Ctx) -> Path:
     return folder
 
 
+def nothing_exported_anywhere(ctx: Ctx) -> None:
+    assert not (ctx.tmp / "exported").exists()
+
+
+def export_into_a_full_folder(ctx: Ctx) -> list[str]:
+    out = ctx.tmp / "exported"
+    out.mkdir()
+    (out / "config.json").write_text("{}\n")  # an earlier export, say
+    ctx.before = {"config.json": b"{}\n"}
+    return ["export", ctx.models["tiny-qwen3"], str(out)]
+
+
+def exported_folder_kept(ctx: Ctx) -> None:
+    out = ctx.tmp / "exported"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == ctx.before
+
+
 def nothing_exported(ctx: Ctx) -> None:
     untouched(ctx)
     assert not any(p.name.startswith("exported") for p in ctx.tmp.iterdir())
@@ -525,6 +542,12 @@ CASES += [
          unfinished_run,
          ["<tmp>/run: a run that has not finished (no final model yet); let it finish, or resume it with rmtrain fit --resume"],
          check=nothing_exported),
+    Case("export-not-a-model", "eval, score, export, serve, plot, binarize", "`rmtrain export` on a folder that holds neither a model nor a run",
+         lambda c: ["export", str(notes_folder(c)), str(c.tmp / "exported")],
+         ["<tmp>/notes: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); give a finished run "
+          "or a model folder"], check=nothing_exported_anywhere),
+    Case("export-out-not-empty", "eval, score, export, serve, plot, binarize", "`rmtrain export RUN OUT` where OUT already holds files",
+         export_into_a_full_folder, ["<tmp>/exported: exists and is not empty; choose a new folder"], check=exported_folder_kept),
     Case("serve-without-extra", "eval, score, export, serve, plot, binarize", "`rmtrain serve` without the `serve` extra (FastAPI blocked from importing)",
          lambda c: ["serve", c.models["tiny-qwen3"]],
          ["rmtrain serve needs fastapi, which is not installed: pip install 'rmtrain[serve]'"], patch=block_fastapi_import),

@@ -72,6 +72,20 @@ def test_list_rows_imply_pairs_without_ties_and_drop_long_completions(qwen):
     assert qwen.tokenizer.decode(first.prefix).startswith("Q: colour of the sky? A:")
 
 
+@pytest.mark.shared_data
+def test_list_columns_are_mapped_like_pair_columns(qwen, shared_data, tmp_path):
+    """A lists file with its own column names (answers, grades) reads as the shared file does once `columns` maps them."""
+    from rmtrain.config import DataSource
+    from rmtrain.sources import read_rows
+
+    rows = short_lists(shared_data, 3, completions=4)
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"question": r["prompt"], "answers": r["completions"], "grades": r["scores"]} for r in rows])
+    mapped, _ = read_rows(DataSource(path=str(renamed), columns={"question": "prompt", "answers": "completions", "grades": "scores"}))
+    got, stats = tokenize_rows(mapped, "renamed", qwen.tokenizer, qwen.fmt, 256, "filter")
+    want, _ = tokenize_rows(rows, "lists", qwen.tokenizer, qwen.fmt, 256, "filter")
+    assert stats.kind == "lists" and [(g.prefix, g.completions, g.pairs) for g in got] == [(g.prefix, g.completions, g.pairs) for g in want]
+
+
 @pytest.mark.parametrize("row, message", [
     ({"completions": ["a"], "scores": [1]}, "row 1: 'completions' must be a list of at least 2 completions, got 1 item(s)"),
     ({"completions": ["a", "b"]}, "row 1: a list row needs one of 'scores' or 'ranks', it has no 'scores'"),
