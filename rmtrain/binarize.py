@@ -37,7 +37,7 @@ def pair_rows(row: dict[str, Any], where: str, strategy: str) -> list[dict[str, 
     kept = {k: v for k, v in row.items() if k not in ("completions", "scores", "ranks", "prompt")}
     prompt = {"prompt": row["prompt"]} if row.get("prompt") is not None else {}
     return [
-        prompt | {"chosen": row["completions"][i], "rejected": row["completions"][j], "score_chosen": scores[i], "score_rejected": scores[j]} | kept
+        kept | prompt | {"chosen": row["completions"][i], "rejected": row["completions"][j], "score_chosen": scores[i], "score_rejected": scores[j]}
         for i, j in list_pairs(scores, strategy)
     ]
 

@@ -59,7 +59,7 @@ def fit(
 
 
 MAX_TOKENS_HELP = (
-    "Tokens per batch at most (padding included): a number, auto (as training picks it, from the model's size) or none."
+    "Tokens per batch at most (padding included): a number, auto (from the model's size, at least 2048) or none."
 )
 
 
@@ -93,6 +93,8 @@ def eval_command(
     """Evaluate a saved reward model on preference pairs or ranked lists."""
 
     def action() -> None:
+        if batch_size < 1 or (max_length is not None and max_length < 1):
+            raise DataError("--batch-size and --max-length must be >= 1")
         if truncation not in (None, "filter", "truncate"):
             raise DataError(f"--truncation: expected filter or truncate, got {truncation!r}")
         tokens = tokens_per_forward(max_tokens)

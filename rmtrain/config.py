@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -310,8 +311,23 @@ def _accepts_none(tp: Any) -> bool:
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "margin", "completions", "scores", "ranks", None)
 
 
+def _not_finite(section: Any, path: str) -> list[str]:
+    """YAML's .inf and .nan type-check as floats; no float key of a recipe can use them."""
+    found = []
+    for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{path}.{f.name}: must be a finite number, got {value}")
+    return found
+
+
 def _validate(recipe: Recipe, problems: list[str]) -> None:
     m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
+    for path, section in (("data", d), ("lora", lora), ("train", t)):
+        problems.extend(_not_finite(section, path))
+    for split in ("train", "eval"):
+        for i, source in enumerate(sources(d, split)):
+            problems.extend(_not_finite(source, f"data.{split}[{i}]" if isinstance(getattr(d, split), list) else f"data.{split}"))
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -326,6 +342,8 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
         check(not listed or bool(getattr(d, split)), f"data.{split}: an empty list; give a source or a list of sources")
         for i, source in enumerate(sources(d, split)):
             name = f"{split}[{i}]" if listed else split
+            if not isinstance(source, DataSource):  # an item that is no mapping: already reported while building
+                continue
             check(bool(source.path), f"data.{name}.path: required (a local file or folder, or a Hub dataset id)")
             for column, target in source.columns.items():
                 check(
@@ -347,6 +365,7 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
         check(lora.r >= 1, f"lora.r: must be >= 1, got {lora.r}")
         check(lora.alpha > 0, f"lora.alpha: must be > 0, got {lora.alpha}")
         check(0 <= lora.dropout < 1, f"lora.dropout: must be in [0, 1), got {lora.dropout}")
+        check(lora.target_modules != [], "lora.target_modules: an empty list; name modules, or all-linear")
 
     check(bool(t.output_dir), "train.output_dir: required (where the run is written)")
     check(t.learning_rate > 0, f"train.learning_rate: must be > 0, got {t.learning_rate}")
@@ -356,6 +375,10 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps: must be >= 1, got {t.max_steps}")
     check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     check(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    for key in ("adam_beta1", "adam_beta2"):
+        check(0 <= getattr(t, key) < 1, f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+    check(t.adam_epsilon >= 0, f"train.adam_epsilon: must be >= 0, got {t.adam_epsilon}")
+    check(0 <= t.seed < 2**32, f"train.seed: must be in [0, 2^32), got {t.seed}")
     check(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
     check(
         t.max_tokens_per_batch is None or t.max_tokens_per_batch >= 16,

@@ -227,7 +227,12 @@ def completion_texts(prompt: Any, completions: list[Any], where: str, tokenizer,
                 f"{where}: conversational rows need a chat template, and the tokenizer has none; "
                 "set model.chat_template_path to a Jinja file or a tokenizer folder"
             )
-        return [tokenizer.apply_chat_template((prompt or []) + c, tokenize=False) for c in completions], False
+        from jinja2 import TemplateError
+
+        try:
+            return [tokenizer.apply_chat_template((prompt or []) + c, tokenize=False) for c in completions], False
+        except TemplateError as error:  # e.g. the template's own raise_exception("roles must alternate ...")
+            raise DataError(f"{where}: the chat template refused these messages: {error}") from None
     texts = [(prompt or "") + c for c in completions]
     if fmt.append_eos:
         texts = [t if t.endswith(fmt.append_eos) else t + fmt.append_eos for t in texts]
@@ -394,6 +399,21 @@ def _list_group(row, sequences, scores, max_length, truncation, frame, stats: Pr
     stats.completions_kept += len(kept)
     stats.pairs += len(pairs)
     return Group.of(row, [sequences[i] for i in kept], pairs, None, [scores[i] for i in kept])
+
+
+def encode_whole_texts(
+    texts: list[str], add_special: bool, tokenizer, fmt: TokenFormat, max_length: int, frame: tuple[int, int], wheres: list[str]
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of texts to score (as `completion_texts` makes them), cut from the left beyond `max_length` as
+    `data.truncation: truncate` cuts (`frame`: the tokenizer's special tokens, kept), and which were cut; the
+    one tokenization of `rmtrain score` and `rmtrain serve`. A text holding the pad token is an error."""
+    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    head, tail = frame if add_special else (0, 0)
+    cut = [len(seq) > max_length for seq in ids]
+    ids = [truncate_left(seq, max_length, head, tail) for seq in ids]
+    for seq, where in zip(ids, wheres):
+        check_no_pad(seq, fmt, tokenizer, where)
+    return ids, cut
 
 
 def token_ids(groups: list[Group], pad_token_id: int) -> list[int]:

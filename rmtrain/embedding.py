@@ -42,15 +42,14 @@ class SeenRowsEmbedding(nn.Module):
         """A plain nn.Embedding holding the trained rows, for saving."""
         weight = self.frozen.detach().clone()
         weight[self.seen_ids.to(weight.device)] = self.seen_weight.detach().to(weight.dtype)
-        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        embedding.weight = nn.Parameter(weight)
-        return embedding
+        # from_pretrained wraps the weight as it is (no second, randomly initialised vocab x dim table first).
+        return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=self.padding_idx)
 
 
 def train_seen_rows_only(model: nn.Module, token_ids: torch.Tensor, weight_decay: float) -> str | None:
     """Replace the input embedding by a `SeenRowsEmbedding` over `token_ids` (every id the training batches
-    can hold). Returns the pre-flight note, or None when it does not apply (frozen or tied embedding, a
-    subclass of nn.Embedding with its own forward, weight decay, or no row to spare)."""
+    can hold). Returns the pre-flight note (with weight decay: that every row stays optimized), or None when it
+    does not apply (frozen or tied embedding, a subclass of nn.Embedding with its own forward, no row to spare)."""
     embedding = model.get_input_embeddings()
     if type(embedding) is not nn.Embedding or not embedding.weight.requires_grad:
         return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -215,7 +214,9 @@ def run_eval(
                 log.info(f"report: {folder} (metrics.json, pairs.jsonl{extra}, reward_histogram.png, reliability.png, reward_vs_length.png)")
     results = next(iter(everything.values())) if len(everything) == 1 else {"sources": everything}
     if accelerator.is_main_process and json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+        from rmtrain.report import strict_json
+
+        Path(json_out).write_text(strict_json(results) + "\n")
     return results
 
 

@@ -7,8 +7,9 @@ What the folder guarantees (and the fresh-process check after writing verifies):
 - `AutoTokenizer.from_pretrained(OUT)` tokenizes like training: chat template saved, and for decoders
   trained on plain text with an appended EOS the tokenizer's post-processor appends that EOS itself, so
   plain `tokenizer(prompt + response)` gives the training tokens.
-- `reward_stats.json`: mean and std of the rewards over the run's eval pairs; `--normalize` folds them into
-  the head so the folder's rewards are `(r - mean) / std`.
+- `reward_stats.json`: mean and std of the rewards over the check's pairs (`--data`, else the run's eval pairs,
+  else pairs of its training data); `--normalize` folds them into the head so the folder's rewards are
+  `(r - mean) / std`.
 """
 
 from __future__ import annotations

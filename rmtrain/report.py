@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +79,31 @@ def print_results(log: RunLog, title: str, results: dict[str, Any]) -> None:
     console.print(table)
 
 
+def strict_json(value: Any, indent: int | None = 2) -> str:
+    """JSON that every reader accepts: a metric that is not a number (a Spearman of constant rewards) is null, not NaN."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=indent, allow_nan=False)
+
+
 def write_report(directory: Path, results: dict[str, Any], records: list[dict[str, Any]], list_records: list[dict[str, Any]]) -> None:
     """metrics.json, pairs.jsonl (one line per scored pair, by source row), for ranked lists lists.jsonl (one
     line per list), and the PNG plots."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (directory / "metrics.json").write_text(strict_json(results) + "\n", encoding="utf-8")
     for name, lines in (("pairs.jsonl", records), ("lists.jsonl", list_records)):
         if lines or name == "pairs.jsonl":
             with (directory / name).open("w", encoding="utf-8") as f:
                 for record in lines:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(strict_json(record, indent=None) + "\n")
     _plots(directory, results, records)
 
 

@@ -1,8 +1,9 @@
 """The run folder: refusing to clobber it, checkpoints and resuming from them, and the final save.
 
-Nothing is ever half-written: checkpoints and the final model are written under a temporary name and
-renamed into place, and a write that fails (a full disk) removes its partial folder and names the newest
-complete checkpoint, which was never touched.
+Nothing is left half-written: checkpoints, the best model and the final model are written under a temporary
+name and renamed into place (the final model's files one by one into the run folder, once all are written),
+and a write that fails (a full disk) removes its partial folder and names the newest complete checkpoint,
+which was never touched.
 """
 
 from __future__ import annotations
@@ -245,6 +246,8 @@ def save_best(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, recipe.data.max_length, tmp)
+            # As in the final folder: an adapter is loaded over the base the recipe names (a gguf file, a revision).
+            shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
         except Exception as error:
             raise_if_write_failed(error, "the best model", tmp, out)
             raise

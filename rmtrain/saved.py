@@ -62,12 +62,16 @@ def load_saved(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Rewa
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises many types; what matters is that there is no tokenizer
         raise ModelError(f"{path}: holds a model but no tokenizer transformers can load ({first_line(error)})") from None
-    if kind == "adapter":
-        model = _load_adapter(path, dtype)
-        config = model.get_base_model().config
-    else:
-        config = AutoConfig.from_pretrained(str(path))
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    try:
+        if kind == "adapter":
+            model = _load_adapter(path, dtype)
+            config = model.get_base_model().config
+        else:
+            config = AutoConfig.from_pretrained(str(path))
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # a base model that moved, an offline Hub, a bad config
+        what = "its base model (recipe.yaml or adapter_config.json)" if kind == "adapter" else "the model"
+        raise ModelError(f"{path}: cannot load {what}: {first_line(error)}") from None
     is_encoder = saved_format.get("is_encoder", is_encoder_config(config))
     if tokenizer.pad_token is None:
         raise ModelError(f"{path}: the tokenizer has no pad token")
@@ -89,6 +93,10 @@ def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
     from rmtrain.config import load_recipe
 
     recipe_file = path / "recipe.yaml"
+    name = load_recipe(recipe_file).model.name_or_path if recipe_file.is_file() else json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not name or (name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir()):
+        source = "recipe.yaml model.name_or_path" if recipe_file.is_file() else "adapter_config.json base_model_name_or_path"
+        raise ModelError(f"{path}: its base model {name!r} ({source}) is not there; put it back, or fix that path")
     if recipe_file.is_file():
         mc = load_recipe(recipe_file).model
         base = AutoModelForSequenceClassification.from_pretrained(

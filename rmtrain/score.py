@@ -19,7 +19,7 @@ from typing import Any, Iterator, TextIO
 from rmtrain.batching import choose_layout
 from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import Group, check_messages, check_no_pad, completion_texts, truncate_left
+from rmtrain.data import Group, check_messages, completion_texts, encode_whole_texts
 from rmtrain.engine import inference_accelerator
 from rmtrain.errors import DataError
 from rmtrain.log import RunLog
@@ -82,23 +82,17 @@ def tokenize_inputs(
     """Token ids of every row (cut from the left beyond max_length, as `--truncation truncate`) and which were cut."""
     tokenizer, fmt = rm.tokenizer, rm.fmt
     texts = [input_text(row, f"{name}: row {i + 1}", field, tokenizer, fmt) for i, row in enumerate(rows)]
-    ids: list[list[int] | None] = [None] * len(texts)
-    for add_special in (True, False):
+    frame = special_token_frame(tokenizer)
+    ids: list[list[int]] = [[] for _ in texts]
+    truncated = [False] * len(texts)
+    for add_special in (True, False):  # plain text with the tokenizer's special tokens; chat rendered by its template
         chosen = [i for i, (_, flag) in enumerate(texts) if flag is add_special]
         if chosen:
-            encoded = tokenizer([texts[i][0] for i in chosen], add_special_tokens=add_special)["input_ids"]
-            for i, seq in zip(chosen, encoded):
-                ids[i] = seq
-    head, tail = special_token_frame(tokenizer)
-    truncated = []
-    for i, seq in enumerate(ids):
-        cut = len(seq) > max_length
-        if cut:
-            h, t = (head, tail) if texts[i][1] else (0, 0)
-            ids[i] = seq = truncate_left(seq, max_length, h, t)
-        truncated.append(cut)
-        check_no_pad(seq, fmt, tokenizer, f"{name}: row {i + 1}")
-    return ids, truncated  # type: ignore[return-value]
+            encoded, cut = encode_whole_texts([texts[i][0] for i in chosen], add_special, tokenizer, fmt, max_length, frame,
+                                              [f"{name}: row {i + 1}" for i in chosen])
+            for i, seq, was_cut in zip(chosen, encoded, cut):
+                ids[i], truncated[i] = seq, was_cut
+    return ids, truncated
 
 
 @contextmanager

@@ -30,8 +30,8 @@ import torch
 from accelerate.utils import send_to_device
 
 from rmtrain.batching import choose_layout, inference_loader
-from rmtrain.data import Group, check_messages, check_no_pad, completion_texts, truncate_left
-from rmtrain.errors import DataError, UserError, require_extra
+from rmtrain.data import Group, check_messages, completion_texts, encode_whole_texts
+from rmtrain.errors import DataError, UserError
 from rmtrain.faults import is_out_of_memory
 from rmtrain.model import RewardModel, batch_rewards
 from rmtrain.tokenizer import special_token_frame
@@ -43,6 +43,10 @@ class BadRequest(ValueError):
 
 class Overloaded(RuntimeError):
     """Out of memory on the batch a request was in: answered 503."""
+
+
+class ScoringFailed(RuntimeError):
+    """Anything else that went wrong while scoring a request's round: answered 500; the worker goes on."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,12 +75,7 @@ class Tokens:
     def group(self, prompt: Any, completions: list[Any], where: str) -> tuple[Group, list[bool]]:
         try:
             texts, add_special = completion_texts(prompt, completions, where, self.rm.tokenizer, self.rm.fmt)
-            ids = self.rm.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
-            frame = self.frame if add_special else (0, 0)
-            cut = [len(seq) > self.max_length for seq in ids]
-            ids = [truncate_left(seq, self.max_length, *frame) for seq in ids]
-            for seq in ids:
-                check_no_pad(seq, self.rm.fmt, self.rm.tokenizer, where)
+            ids, cut = encode_whole_texts(texts, add_special, self.rm.tokenizer, self.rm.fmt, self.max_length, self.frame, [where] * len(texts))
         except DataError as error:
             raise BadRequest(str(error)) from None
         return Group.of(0, ids, []), cut
@@ -206,7 +205,11 @@ class Scorer:
             if first is None:
                 return
             jobs, stopping = self._gather(first)
-            self.score(jobs)
+            try:
+                self.score(jobs)
+            except Exception as error:  # noqa: BLE001 -- the worker must outlive any one round, or every caller waits forever
+                for job in jobs:
+                    answer(job, exception=ScoringFailed(f"scoring failed: {type(error).__name__}: {error}"))
 
     @torch.inference_mode()
     def score(self, jobs: list[Job]) -> None:
@@ -217,7 +220,7 @@ class Scorer:
         failed: set[int] = set()
         for batch in loader:
             keys = batch["key"]
-            if any(owner[k] in failed for k in keys.tolist()):
+            if all(owner[k] in failed for k in keys.tolist()):  # a batch with one live job is still scored for it
                 continue
             moved = send_to_device(batch, self.device)
             try:
@@ -234,22 +237,32 @@ class Scorer:
         for j, job in enumerate(jobs):
             size = sum(len(g.completions) for g in job.groups)
             if j in failed:
-                job.future.set_exception(Overloaded("out of memory on the batch this request was in; retry, or send smaller requests"))
+                answer(job, exception=Overloaded("out of memory on the batch this request was in; retry, or send smaller requests"))
             else:
                 values = rewards[start : start + size].tolist()
                 out, at = [], 0
                 for g in job.groups:
                     out.append(values[at : at + len(g.completions)])
                     at += len(g.completions)
-                job.future.set_result(out)
+                answer(job, result=out)
             start += size
+
+
+def answer(job: Job, result: Any = None, exception: BaseException | None = None) -> None:
+    """Settle a job's future, unless it is settled already (its caller gave up: a cancelled request)."""
+    if job.future.done():
+        return
+    if exception is not None:
+        job.future.set_exception(exception)
+    else:
+        job.future.set_result(result)
 
 
 # --------------------------------------------------------------------------------------------------
 # HTTP
 
 
-def create_app(scorer: Scorer, tokens: Tokens, announce: str | None = None):
+def create_app(scorer: Scorer, tokens: Tokens):
     import asyncio
 
     from fastapi import FastAPI, Request
@@ -274,6 +287,8 @@ def create_app(scorer: Scorer, tokens: Tokens, announce: str | None = None):
             return error(400, str(exc))
         except Overloaded as exc:
             return error(503, str(exc))
+        except ScoringFailed as exc:
+            return error(500, str(exc))
         return JSONResponse(shape(scoring, rewards))
 
     def reward_shape(scoring: Scoring, rewards: list[list[float]]) -> dict:
@@ -289,8 +304,6 @@ def create_app(scorer: Scorer, tokens: Tokens, announce: str | None = None):
 
     @asynccontextmanager
     async def lifespan(app):
-        if announce:
-            print(announce, flush=True)
         yield
         await run_in_threadpool(scorer.stop)  # what was accepted is answered before the process ends
 
@@ -313,6 +326,7 @@ def create_app(scorer: Scorer, tokens: Tokens, announce: str | None = None):
 
 def check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart's TIME_WAIT is no conflict
         try:
             probe.bind((host, port))
         except OSError as error:
@@ -326,8 +340,16 @@ def _graceful_server():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process ends 128 + signal; a server
-        that stopped cleanly (nothing in flight left unanswered) exits 0 here, as a scheduler expects."""
+        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process would end 128 + signal; here a
+        signal only starts the graceful shutdown (what is in flight is answered) and the process exits 0, as a
+        scheduler expects. `announce` is printed once the socket listens, so a launcher waiting for it can connect."""
+
+        announce = ""
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started and self.announce:
+                print(self.announce, flush=True)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -354,7 +376,6 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
     from rmtrain.engine import inference_accelerator
     from rmtrain.saved import folder_kind, load_saved
 
-    require_extra("serve", ("fastapi", "uvicorn"), "rmtrain serve")
     folder_kind(Path(model_path))
     check_port(host, port)
     rm, trained_max_length = load_saved(model_path)
@@ -370,5 +391,7 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
         + f", at most {max_tokens_per_forward or 'unbounded'} tokens and {batch_size} sequences per batch, "
         f"requests gathered for up to {max_wait_ms:g} ms, max_length {tokens.max_length}"
     )
-    app = create_app(scorer, tokens, announce=f"listening on http://{host}:{port}")
-    GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)).run()
+    app = create_app(scorer, tokens)
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
+    server.announce = f"listening on http://{host}:{port}"
+    server.run()

@@ -35,6 +35,12 @@ def read_rows(source: DataSource) -> tuple[list[dict[str, Any]], str]:
     if source.limit is not None:
         rows = rows[: source.limit]
     if source.columns:
+        renamed = {k: v for k, v in source.columns.items() if v is not None and k != v}
+        clash = next((v for v in renamed.values() if rows and v in rows[0] and v not in source.columns), None)
+        if clash is not None:
+            old = next(k for k, v in renamed.items() if v == clash)
+            raise DataError(f"{name}: columns: {old} -> {clash}, but the data has a '{clash}' column too; map that one "
+                            f"elsewhere or drop it ({clash}: null)")
         rows = [
             {source.columns.get(k, k): v for k, v in row.items() if source.columns.get(k, k) is not None}
             for row in rows

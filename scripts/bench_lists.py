@@ -1,7 +1,8 @@
 """`make bench`, ranked lists: rmtrain training on lists against TRL 1.16 on their binarized pairs, and list
 training against one best-versus-worst pair per prompt on held-out lists.
 
-    python scripts/bench_lists.py [--cases speed,quality] [--quick] [--repeats N] [--out FILE] [--work-dir DIR] [--keep]
+    python scripts/bench_lists.py [--cases speed,quality] [--quick] [--repeats N] [--objectives bradley_terry,per_list,plackett_luce]
+                                  [--out FILE] [--work-dir DIR] [--keep]
 
 Data: `../shared/data/arena_bench_v1_lists.jsonl` (293 prompts, 12-15 completions each, GPT-4 grades 1-10).
 
@@ -14,9 +15,10 @@ speed    tiny random Qwen3 (real Qwen tokenizer) on the first 12 lists (--quick:
          Measured per run: pairs/s (training only, as scripts/bench.py), tokens computed, peak RSS.
 quality  MiniLM-L6 (pretrained encoder) on the same prompts, split by prompt: the first 233 lists train, the last
          60 are held out (--quick: 40 / 12). max_length 256, truncation truncate (a text keeps its last 256 tokens:
-         the end of the answer), passes of 4096 tokens, lr 5e-5, batch 8 rows, 2 epochs, seed 42, fp32. Trained on the lists (every pair, per-pair weighting) and on one
-         best-versus-worst pair per list (`--pairs best-worst`, the binarized datasets people ship), the same
-         number of optimizer steps; then `rmtrain eval` of both on the held-out lists: pairwise accuracy over
+         the end of the answer), passes of 4096 tokens, lr 5e-5, batch 8 rows, 2 epochs, seed 42, fp32. Trained on
+         the lists (each of `--objectives`: Bradley-Terry over every pair weighted per pair, or per list, or
+         Plackett-Luce) and on one best-versus-worst pair per list (`--pairs best-worst`, the binarized datasets
+         people ship), the same number of optimizer steps; then `rmtrain eval` of each on the held-out lists: pairwise accuracy over
          every pair with different scores, top-1 accuracy (best-of-n: the highest reward is a best-graded
          completion) and mean Kendall tau per list.
 
@@ -147,7 +149,14 @@ def speed_case(work: Path, data_dir: Path, models: Path, quick: bool, repeats: i
             "tokens_ratio": tokens, "peak_rss_ratio": peak["rmtrain"] / peak["trl"], "table": "\n".join(lines)}
 
 
-def quality_case(work: Path, data_dir: Path, quick: bool) -> dict:
+LIST_OBJECTIVES = {
+    "bradley_terry": ("lists, Bradley-Terry, every pair weighs the same (default)", {}),
+    "per_list": ("lists, Bradley-Terry, every list weighs the same", {"list_weighting": "list"}),
+    "plackett_luce": ("lists, Plackett-Luce", {"list_loss": "plackett_luce"}),
+}
+
+
+def quality_case(work: Path, data_dir: Path, quick: bool, objectives: list[str] | None = None) -> dict:
     rows = [json.loads(line) for line in (data_dir / LISTS).read_text(encoding="utf-8").splitlines()]
     n_train, n_eval = SIZES["quality"]["quick" if quick else "default"]
     keep = ("prompt", "completions", "scores")
@@ -155,12 +164,13 @@ def quality_case(work: Path, data_dir: Path, quick: bool) -> dict:
     held_out = write_jsonl(work / "quality-held-out-lists.jsonl", [{k: r[k] for k in keep} for r in rows[-n_eval:]])
     best_worst = binarize(train_lists, work / "quality-best-worst.jsonl", "best-worst")
     results = {}
-    for name, train in (("lists (every pair)", train_lists), ("best-worst pairs", best_worst)):
-        run_dir = work / ("quality-" + name.split()[0])
+    runs = [(LIST_OBJECTIVES[o][0], train_lists, LIST_OBJECTIVES[o][1], o) for o in objectives or ["bradley_terry"]]
+    for name, train, keys, tag in runs + [("best-worst pairs", best_worst, {}, "best-worst")]:
+        run_dir = work / ("quality-" + tag)
         print(f"quality: training on {name} ...", end=" ", flush=True)
         start = time.perf_counter()
         child = fit(recipe(minilm_dir(), train, None, run_dir / "run", max_length=256, truncation="truncate", learning_rate=5e-5,
-                           per_device_batch_size=8, num_epochs=2, gradient_checkpointing=False, max_tokens_per_forward=4096), run_dir)
+                           per_device_batch_size=8, num_epochs=2, gradient_checkpointing=False, max_tokens_per_forward=4096, **keys), run_dir)
         report = run_dir / "eval"
         run_child([sys.executable, "-m", "rmtrain", "eval", str(run_dir / "run"), "--data", str(held_out), "--truncation", "truncate",
                    "--max-length", "256", "--report", str(report)], run_dir / "eval.log", False)
@@ -190,6 +200,8 @@ def main() -> int:
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--ablation", action="store_true", help="speed: also the 4D mask and no shared prefix")
+    parser.add_argument("--objectives", default="bradley_terry",
+                        help=f"quality: list objectives to train, from {', '.join(LIST_OBJECTIVES)} (default: bradley_terry)")
     args = parser.parse_args()
     data_dir = check_prerequisites()
     if data_dir is None:
@@ -204,7 +216,7 @@ def main() -> int:
         results["speed"] = speed_case(work, data_dir, build_models(work, ["qwen3-hh"], False), args.quick, args.repeats, args.ablation)
         print("\n" + results["speed"]["table"] + "\n", flush=True)
     if "quality" in cases:
-        results["quality"] = quality_case(work, data_dir, args.quick)
+        results["quality"] = quality_case(work, data_dir, args.quick, [o.strip() for o in args.objectives.split(",") if o.strip()])
         print("\n" + results["quality"]["table"] + "\n", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     if not args.keep and not args.work_dir:

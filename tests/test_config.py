@@ -119,3 +119,18 @@ def test_readme_documents_every_recipe_key():
     for cls in (ModelConfig, DataConfig, DataSource, LoraConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in readme, f"README does not document {cls.__name__}.{f.name}"
+
+
+def test_values_that_type_check_but_cannot_train_are_refused_up_front(tmp_path):
+    """Each of these would otherwise fail only after the model and data load, in torch, numpy or peft."""
+    text = MINIMAL.replace(
+        "train: {output_dir: out}",
+        "train: {output_dir: out, adam_beta1: 1.0, adam_beta2: -0.1, adam_epsilon: -1, seed: -1, num_epochs: .inf, warmup_ratio: .nan}",
+    ).replace("data: {train: {path: pairs.jsonl}}", "data: {train: [a.jsonl, {path: b.jsonl, weight: .inf}]}")
+    found = problems(tmp_path, text + "lora: {target_modules: []}\n")
+    assert "data.train[0]: expected a mapping" in "\n".join(found)  # a list of paths: named, no traceback
+    for line in ("train.adam_beta1: must be in [0, 1), got 1.0", "train.adam_beta2: must be in [0, 1), got -0.1",
+                 "train.adam_epsilon: must be >= 0, got -1.0", "train.seed: must be in [0, 2^32), got -1",
+                 "train.num_epochs: must be a finite number, got inf", "train.warmup_ratio: must be a finite number, got nan",
+                 "data.train[1].weight: must be a finite number, got inf", "lora.target_modules: an empty list; name modules, or all-linear"):
+        assert line in found, (line, found)

@@ -271,6 +271,28 @@ def notes_folder(ctx: Ctx) -> Path:
     return folder
 
 
+def adapter_without_its_base(ctx: Ctx) -> list[str]:
+    """An adapter folder (with its tokenizer) whose adapter_config.json names a base folder that is gone."""
+    import shutil
+
+    folder = ctx.tmp / "adapter"
+    folder.mkdir()
+    for name in Path(ctx.models["tiny-qwen3"]).iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+            shutil.copy(name, folder / name.name)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(ctx.tmp / "moved-base"), "peft_type": "LORA"}))
+    return ["eval", str(folder), "--data", str(ctx.data())]
+
+
+def strict_template(ctx: Ctx) -> Path:
+    """A chat template that refuses two turns of one role in a row, as Mistral's and Llama 2's do."""
+    path = ctx.tmp / "strict.jinja"
+    path.write_text("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                    "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}")
+    return path
+
+
 def nothing_exported_anywhere(ctx: Ctx) -> None:
     assert not (ctx.tmp / "exported").exists()
 
@@ -456,6 +478,16 @@ CASES = [
              model={"name_or_path": c.models["tiny-qwen3-no-template"]}),
          ["<tmp>/pairs.jsonl: row 1: conversational rows need a chat template, and the tokenizer has none; "
           "set model.chat_template_path to a Jinja file or a tokenizer folder"]),
+    Case("data-columns-clash", "Data", "`columns: {question: prompt}` on a file that has a `prompt` column too",
+         lambda c: c.fit(rows=[{"question": "Q:", "prompt": "P:", "chosen": " a", "rejected": " b"}],
+                         data={"train": {"path": str(c.tmp / "pairs.jsonl"), "columns": {"question": "prompt"}}}),
+         ["<tmp>/pairs.jsonl: columns: question -> prompt, but the data has a 'prompt' column too; map that one elsewhere "
+          "or drop it (prompt: null)"]),
+    Case("data-chat-template-refuses", "Data", "conversational rows whose roles the chat template refuses (two user turns in a row)",
+         lambda c: c.fit(rows=[{"prompt": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Well?"}],
+                                "chosen": answer("Blue.")[1:], "rejected": answer("No.")[1:]}],
+                         model={"chat_template_path": str(strict_template(c))}),
+         ["<tmp>/pairs.jsonl: row 1: the chat template refused these messages: roles must alternate user/assistant"]),
     Case("data-all-too-long", "Data", "every pair longer than `data.max_length: 8` (truncation: filter)",
          lambda c: c.fit(data={"max_length": 8}),
          ["train (<tmp>/pairs.jsonl): every pair is longer than data.max_length=8 (the longest sequence has 16 tokens); "
@@ -548,6 +580,9 @@ CASES += [
           "or a model folder"], check=nothing_exported_anywhere),
     Case("export-out-not-empty", "eval, score, export, serve, plot, binarize", "`rmtrain export RUN OUT` where OUT already holds files",
          export_into_a_full_folder, ["<tmp>/exported: exists and is not empty; choose a new folder"], check=exported_folder_kept),
+    Case("eval-adapter-base-moved", "eval, score, export, serve, plot, binarize", "`rmtrain eval` on a LoRA adapter whose base model folder is gone",
+         adapter_without_its_base, ["<tmp>/adapter: its base model '<tmp>/moved-base' (adapter_config.json base_model_name_or_path) "
+                                    "is not there; put it back, or fix that path"]),
     Case("serve-without-extra", "eval, score, export, serve, plot, binarize", "`rmtrain serve` without the `serve` extra (FastAPI blocked from importing)",
          lambda c: ["serve", c.models["tiny-qwen3"]],
          ["rmtrain serve needs fastapi, which is not installed: pip install 'rmtrain[serve]'"], patch=block_fastapi_import),

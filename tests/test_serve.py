@@ -195,31 +195,41 @@ def test_bad_requests_get_400_and_the_server_goes_on_then_sigterm_exits_0(tiny_q
 
 
 def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_on(tiny_qwen3, shared_data):
-    """In process (FastAPI's test client over the real app and worker): a real allocator failure in the forward of
-    the batch holding the long request; the short request gathered with it, in another batch, is answered, and so
-    is every request after."""
+    """In process (FastAPI's test client over the real app and worker): a real allocator failure in the first
+    forward of a round, which holds only the long request's first chunk. The long request gets its 503; the short
+    one, gathered into the same round, is answered with its rewards, also from the batch it shares with the long
+    request's last chunk; then a round that fails otherwise is a 500, and every request after is answered."""
     import torch
     from fastapi.testclient import TestClient
 
+    from rmtrain.batching import inference_loader
     from rmtrain.saved import load_saved
     from rmtrain.serve import Scorer, Tokens, create_app
 
     rm, max_length = load_saved(tiny_qwen3)
-    groups = hh_groups(shared_data, 2, 4)
-    long_group = {"prompt": groups[0]["prompt"] * 3, "completions": groups[0]["completions"]}
-    short_group = {"prompt": "Human: hi\n\nAssistant:", "completions": [" Hello.", " Go away."]}
     tokens = Tokens(rm, max_length or 1024)
-    limit = sum(len(s) for s in tokens.group(short_group["prompt"], short_group["completions"], "")[0].completions) + 64
-    forward = rm.model.forward
+    prompt = hh_groups(shared_data, 1, 1)[0]["prompt"][-300:]
+    long_group = {"prompt": prompt, "completions": [" Yes, " * 20, " No, " * 20, " I can not say."]}
+    short_group = {"prompt": "Human: hi\n\nAssistant:", "completions": [" Hello.", " Go away.", " Hi there."]}
+    scorer = Scorer(rm, torch.device("cpu"), True, 160, 64, max_wait_s=0.5)
+    # The round's batches: the long request's chunks, longest first; its last chunk shares a batch with the short one.
+    groups = [tokens.group(g["prompt"], g["completions"], "")[0] for g in (long_group, short_group)]
+    keys = [batch["key"].tolist() for batch in inference_loader(groups, scorer.layout, rm.fmt.pad_token_id, scorer.mask_format, 64, 160)[0]]
+    assert len(keys) >= 2 and max(keys[0]) < 3 and any(k < 3 for k in keys[-1]) and any(k >= 3 for k in keys[-1]), keys
+    forward, calls = rm.model.forward, []
 
-    def forward_that_runs_out(*args, **kwargs):
-        if kwargs["input_ids"].numel() > limit:
+    def forward_that_runs_out_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
             torch.empty(1 << 62, dtype=torch.uint8)  # a real allocator failure: 4 EiB
         return forward(*args, **kwargs)
 
-    with TestClient(create_app(Scorer(rm, torch.device("cpu"), True, 256, 64, max_wait_s=0.5), tokens)) as client:
+    def forward_that_breaks(*args, **kwargs):
+        raise ValueError("something else went wrong")
+
+    with TestClient(create_app(scorer, tokens)) as client:
         expected = client.post("/score", json=short_group).json()["rewards"]
-        rm.model.forward = forward_that_runs_out
+        rm.model.forward = forward_that_runs_out_first
         answers: dict[str, tuple[int, dict]] = {}
 
         def post(name: str, body: dict) -> None:
@@ -234,7 +244,9 @@ def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_
         status, body = answers["long"]
         assert status == 503 and "out of memory on the batch this request was in" in body["error"], body
         assert answers["short"][0] == 200 and answers["short"][1]["rewards"] == pytest.approx(expected, abs=1e-5)
-        assert client.get("/health").json()["batches"] >= 2  # gathered into one round, scored in two batches
+        rm.model.forward = forward_that_breaks
+        response = client.post("/score", json=short_group)
+        assert response.status_code == 500 and "ValueError: something else went wrong" in response.json()["error"]
         rm.model.forward = forward
         response = client.post("/score", json=long_group)
         assert response.status_code == 200 and len(response.json()["rewards"]) == len(long_group["completions"])

@@ -155,7 +155,7 @@ def test_best_checkpoint_is_a_plain_model_with_the_best_eval(tracked_run, tmp_pa
     assert best["metric"] == "accuracy" and best["value"] == max(r["accuracy"] for r in evals)
     assert best["step"] == next(r["step"] for r in evals if r["accuracy"] == best["value"])
     folder = out / "best"
-    assert (folder / "config.json").is_file() and not (folder / ".best.tmp").exists()
+    assert (folder / "config.json").is_file() and (folder / "recipe.yaml").is_file() and not (folder / ".best.tmp").exists()
     # The folder gives that eval's numbers back (both eval sources, as fit scored them).
     recipe = load_recipe(out / "recipe.yaml")
     rows = []
