@@ -187,10 +187,13 @@ class Scorer:
         self.thread.join()
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        """`first` and the jobs that arrive within `max_wait_s` of it; those already queued are taken even with
+        no wait at all (`--max-wait-ms 0` scored one request per batch). True when the stop sentinel came."""
         jobs, deadline = [first], time.monotonic() + self.max_wait_s
-        while (left := deadline - time.monotonic()) > 0:
+        while True:
             try:
-                job = self.jobs.get(timeout=left)
+                left = deadline - time.monotonic()
+                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:

@@ -252,6 +252,25 @@ def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_
         assert response.status_code == 200 and len(response.json()["rewards"]) == len(long_group["completions"])
 
 
+def test_a_round_takes_the_requests_already_queued_even_with_no_wait():
+    """`--max-wait-ms 0` means "do not wait for more", not "one request per batch": what is queued when a round
+    starts joins it; the stop sentinel ends the gathering and is reported."""
+    import queue
+
+    from rmtrain.serve import Job, Scorer
+
+    scorer = Scorer.__new__(Scorer)  # the gathering alone, without a model or a worker thread
+    scorer.jobs, scorer.max_wait_s = queue.Queue(), 0.0
+    first, *queued = [Job([]) for _ in range(4)]
+    for job in queued:
+        scorer.jobs.put(job)
+    assert scorer._gather(first) == ([first, *queued], False)
+    assert scorer._gather(first) == ([first], False)
+    scorer.jobs.put(queued[0])
+    scorer.jobs.put(None)
+    assert scorer._gather(first) == ([first, queued[0]], True)
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_qwen3, tmp_path, shared_data):
     """Requests sent before SIGTERM (held by a 1.5 s gathering window, so they are surely in flight when the signal
     lands) are all answered with their rewards; then the server exits with status 0 and refuses new connections."""
