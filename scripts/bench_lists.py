@@ -2,6 +2,7 @@
 training against one best-versus-worst pair per prompt on held-out lists.
 
     python scripts/bench_lists.py [--cases speed,quality] [--quick] [--repeats N] [--objectives bradley_terry,per_list,plackett_luce]
+                                  [--hold-out last|first]
                                   [--out FILE] [--work-dir DIR] [--keep]
 
 Data: `../shared/data/arena_bench_v1_lists.jsonl` (293 prompts, 12-15 completions each, GPT-4 grades 1-10).
@@ -14,7 +15,7 @@ speed    tiny random Qwen3 (real Qwen tokenizer) on the first 12 lists (--quick:
          pair with a side, longer than 1024 tokens), so both train the same pairs. Tools alternate (--repeats).
          Measured per run: pairs/s (training only, as scripts/bench.py), tokens computed, peak RSS.
 quality  MiniLM-L6 (pretrained encoder) on the same prompts, split by prompt: the first 233 lists train, the last
-         60 are held out (--quick: 40 / 12). max_length 256, truncation truncate (a text keeps its last 256 tokens:
+         60 are held out (--quick: 40 / 12; `--hold-out first`: the last 233 train, the first 60 are held out). max_length 256, truncation truncate (a text keeps its last 256 tokens:
          the end of the answer), passes of 4096 tokens, lr 5e-5, batch 8 rows, 2 epochs, seed 42, fp32. Trained on
          the lists (each of `--objectives`: Bradley-Terry over every pair weighted per pair, or per list, or
          Plackett-Luce) and on one best-versus-worst pair per list (`--pairs best-worst`, the binarized datasets
@@ -156,12 +157,13 @@ LIST_OBJECTIVES = {
 }
 
 
-def quality_case(work: Path, data_dir: Path, quick: bool, objectives: list[str] | None = None) -> dict:
+def quality_case(work: Path, data_dir: Path, quick: bool, objectives: list[str] | None = None, hold_out: str = "last") -> dict:
     rows = [json.loads(line) for line in (data_dir / LISTS).read_text(encoding="utf-8").splitlines()]
     n_train, n_eval = SIZES["quality"]["quick" if quick else "default"]
     keep = ("prompt", "completions", "scores")
-    train_lists = write_jsonl(work / "quality-train-lists.jsonl", [{k: r[k] for k in keep} for r in rows[:n_train]])
-    held_out = write_jsonl(work / "quality-held-out-lists.jsonl", [{k: r[k] for k in keep} for r in rows[-n_eval:]])
+    train_rows, eval_rows = (rows[:n_train], rows[-n_eval:]) if hold_out == "last" else (rows[-n_train:], rows[:n_eval])
+    train_lists = write_jsonl(work / "quality-train-lists.jsonl", [{k: r[k] for k in keep} for r in train_rows])
+    held_out = write_jsonl(work / "quality-held-out-lists.jsonl", [{k: r[k] for k in keep} for r in eval_rows])
     best_worst = binarize(train_lists, work / "quality-best-worst.jsonl", "best-worst")
     results = {}
     runs = [(LIST_OBJECTIVES[o][0], train_lists, LIST_OBJECTIVES[o][1], o) for o in objectives or ["bradley_terry"]]
@@ -181,7 +183,7 @@ def quality_case(work: Path, data_dir: Path, quick: bool, objectives: list[str] 
                          "seconds": time.perf_counter() - start}
         print(f"pairwise {metrics['accuracy']:.3f}, top-1 {metrics['top1_accuracy']:.3f}", flush=True)
     lines = [
-        f"**quality: MiniLM-L6, {n_train} lists train, the last {n_eval} held out (split by prompt), max_length 256 (truncate), "
+        f"**quality: MiniLM-L6, {n_train} lists train, the {hold_out} {n_eval} held out (split by prompt), max_length 256 (truncate), "
         "lr 5e-5, batch 8 rows, 2 epochs, fp32**", "",
         "| trained on | pairs trained | steps | held-out pairwise accuracy | top-1 accuracy | mean Kendall tau |", "|---|---|---|---|---|---|",
     ]
@@ -200,6 +202,8 @@ def main() -> int:
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--ablation", action="store_true", help="speed: also the 4D mask and no shared prefix")
+    parser.add_argument("--hold-out", choices=("last", "first"), default="last",
+                        help="quality: hold out the file's last lists (train on the first) or its first (train on the last)")
     parser.add_argument("--objectives", default="bradley_terry",
                         help=f"quality: list objectives to train, from {', '.join(LIST_OBJECTIVES)} (default: bradley_terry)")
     args = parser.parse_args()
@@ -216,7 +220,7 @@ def main() -> int:
         results["speed"] = speed_case(work, data_dir, build_models(work, ["qwen3-hh"], False), args.quick, args.repeats, args.ablation)
         print("\n" + results["speed"]["table"] + "\n", flush=True)
     if "quality" in cases:
-        results["quality"] = quality_case(work, data_dir, args.quick, [o.strip() for o in args.objectives.split(",") if o.strip()])
+        results["quality"] = quality_case(work, data_dir, args.quick, [o.strip() for o in args.objectives.split(",") if o.strip()], args.hold_out)
         print("\n" + results["quality"]["table"] + "\n", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     if not args.keep and not args.work_dir:

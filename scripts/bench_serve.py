@@ -14,7 +14,8 @@ Compared, on the same groups and model folder (fp32):
       add_special_tokens=False)`), one group after another -- its `_calculate_rewards` for a per-device batch
       of one prompt's G generations. The texts get the EOS training appended, so both read the same tokens.
   (b) `rmtrain serve --no-share-prefix`: the same server, every completion its own padded sequence;
-  (c) `rmtrain serve` (defaults): a group is one row, its prompt computed once (segment attention).
+  (c) `rmtrain serve` (defaults): a group is one row, its prompt computed once (segment attention);
+  (d) (c) without HTTP: the same clients as threads calling the server's parsing and `Scorer` in this process.
 Measured: completions/s over the whole workload, latency per request (p50, p99), tokens computed (the server's
 /health counts; (a) the padded batch sizes), and failed requests (must be zero).
 
@@ -99,6 +100,57 @@ def in_process(folder: Path, groups: list[dict]) -> dict:
     return {"completions_per_s": completions / seconds, "latencies": latencies, "computed_tokens": tokens, "failed": 0, "seconds": seconds}
 
 
+def run_clients(groups: list[dict], clients: int, requests: int, rewards_of) -> dict:
+    """`clients` threads, each sending its `requests` groups one after the other through `rewards_of(group)`;
+    completions/s over the whole workload, each request's latency, and the requests that failed."""
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        for i in range(requests):
+            group = groups[(number * requests + i) % len(groups)]
+            t0 = time.perf_counter()
+            try:
+                ok = len(rewards_of(group)) == len(group["completions"])
+            except (urllib.error.URLError, ConnectionError, KeyError):
+                ok = False
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                failed[0] += not ok
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    completions = sum(len(groups[(n * requests + i) % len(groups)]["completions"]) for n in range(clients) for i in range(requests))
+    return {"completions_per_s": completions / seconds, "latencies": latencies, "failed": failed[0], "seconds": seconds}
+
+
+def without_http(folder: Path, groups: list[dict], clients: int, requests: int) -> dict:
+    """(d): what (c) does without HTTP: the same clients as threads of this process, each parsing and tokenizing its
+    group (`rmtrain.serve.parse_score`) and handing it to the server's `Scorer` (server defaults). (c) against (d) is
+    what HTTP, JSON and the client processes cost."""
+    import torch
+
+    from rmtrain.budget import inference_tokens_per_forward
+    from rmtrain.saved import load_saved
+    from rmtrain.serve import Scorer, Tokens, parse_score
+
+    rm, max_length = load_saved(str(folder))
+    device = torch.device("cpu")
+    scorer = Scorer(rm, device, True, inference_tokens_per_forward(rm.model, device), 64, 0.005)
+    tokens = Tokens(rm, max_length or 1024)
+    scorer.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
+    before = scorer.stats["computed_tokens"]
+    result = run_clients(groups, clients, requests, lambda group: scorer.submit(parse_score(group, tokens).groups).result()[0])
+    scorer.stop()
+    return {**result, "computed_tokens": scorer.stats["computed_tokens"] - before}
+
+
 def free_port() -> int:
     import socket
 
@@ -132,37 +184,12 @@ def served(folder: Path, groups: list[dict], clients: int, requests: int, extra:
                 time.sleep(0.2)
         call("/score", groups[0])  # warm-up
         before = call("/health")
-        latencies: list[float] = []
-        failed = [0]
-        lock = threading.Lock()
-
-        def client(number: int) -> None:
-            for i in range(requests):
-                group = groups[(number * requests + i) % len(groups)]
-                t0 = time.perf_counter()
-                try:
-                    rewards = call("/score", group)["rewards"]
-                    ok = len(rewards) == len(group["completions"])
-                except (urllib.error.URLError, ConnectionError, KeyError):
-                    ok = False
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                    failed[0] += not ok
-
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - start
+        result = run_clients(groups, clients, requests, lambda group: call("/score", group)["rewards"])
         after = call("/health")
     finally:
         process.send_signal(signal.SIGTERM)
         status = process.wait(timeout=120)
-    completions = sum(len(groups[(n * requests + i) % len(groups)]["completions"]) for n in range(clients) for i in range(requests))
-    return {"completions_per_s": completions / seconds, "latencies": latencies, "failed": failed[0], "seconds": seconds,
-            "computed_tokens": after["computed_tokens"] - before["computed_tokens"], "exit_status": status,
+    return {**result, "computed_tokens": after["computed_tokens"] - before["computed_tokens"], "exit_status": status,
             "batches": after["batches"] - before["batches"]}
 
 
@@ -186,7 +213,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--quick", action="store_true", help="2 requests per client")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate (a), (b), (c) this many times; medians")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate (a) to (d) this many times; medians")
     parser.add_argument("--out", default="bench-serve-results.json")
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args()
@@ -202,7 +229,8 @@ def main() -> int:
     folders = save_models(work, names)
     groups = groups_from_hh(data_dir, args.clients * requests, args.group)
     results: dict = {"machine": machine, "clients": args.clients, "requests_per_client": requests, "group": args.group, "models": {}}
-    labels = ("(a) in-process, GRPOTrainer's way", "(b) rmtrain serve --no-share-prefix", "(c) rmtrain serve")
+    labels = ("(a) in-process, GRPOTrainer's way", "(b) rmtrain serve --no-share-prefix", "(c) rmtrain serve",
+              "(d) (c) without HTTP: its Scorer in process")
     for name in names:
         repeats: list[dict] = []
         for rep in range(args.repeats):  # alternating, since this machine is noisy
@@ -211,6 +239,7 @@ def main() -> int:
                 labels[0]: in_process(folders[name], [groups[i % len(groups)] for i in range(args.clients * requests)]),
                 labels[1]: served(folders[name], groups, args.clients, requests, ["--no-share-prefix"], work / f"{name}-b.log"),
                 labels[2]: served(folders[name], groups, args.clients, requests, [], work / f"{name}-c.log"),
+                labels[3]: without_http(folders[name], groups, args.clients, requests),
             })
         runs = {label: median_run([r[label] for r in repeats]) for label in labels}
         base = runs[labels[0]]["completions_per_s"]
