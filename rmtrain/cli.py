@@ -188,7 +188,7 @@ def serve(
 @app.command()
 def plot(
     runs: List[str] = typer.Argument(..., help="Run folders (or metrics.jsonl files) to overlay."),
-    out: str = typer.Option("curves.png", "--out", help="The PNG to write."),
+    out: str = typer.Option("curves.png", "--out", help="The image to write (.png, .pdf or .svg)."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Train and eval loss, accuracy and margin against step, several runs overlaid (a sweep at a glance)."""

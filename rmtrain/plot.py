@@ -8,6 +8,8 @@ from typing import Any
 
 from rmtrain.errors import DataError
 
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+"""What `--out` may be: formats matplotlib writes without extra packages."""
 PANELS = (("loss", "loss (Bradley-Terry)"), ("accuracy", "accuracy"), ("margin", "margin (chosen - rejected)"))
 
 
@@ -41,6 +43,8 @@ def run_label(run: Path, others: list[Path]) -> str:
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """One PNG: train (lines) and eval (markers) loss, accuracy and margin against step, one colour per run."""
+    if out.suffix.lower() not in IMAGE_SUFFIXES or out.is_dir():
+        raise DataError(f"--out: {out}: expected an image file ending in {', '.join(IMAGE_SUFFIXES)}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window

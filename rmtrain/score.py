@@ -125,6 +125,8 @@ def run_score(
     log = log or RunLog(enabled=accelerator.is_main_process)
     if out != "-" and not Path(out).parent.is_dir():
         raise DataError(f"--out: {out}: folder {Path(out).parent} does not exist; create it or pick another path")
+    if out != "-" and Path(out).is_dir():
+        raise DataError(f"--out: {out} is a folder; give a file to write the JSON lines to (or - for standard output)")
     folder_kind(Path(model_path))
     rows, name = read_rows(DataSource(path=data_path, split=split))
     if not rows:
