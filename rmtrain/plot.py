@@ -42,7 +42,7 @@ def run_label(run: Path, others: list[Path]) -> str:
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
-    """One PNG: train (lines) and eval (markers) loss, accuracy and margin against step, one colour per run."""
+    """One image: train (lines) and eval (markers) loss, accuracy and margin against step, one colour per run."""
     if out.suffix.lower() not in IMAGE_SUFFIXES or out.is_dir():
         raise DataError(f"--out: {out}: expected an image file ending in {', '.join(IMAGE_SUFFIXES)}")
     import matplotlib

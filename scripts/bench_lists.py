@@ -15,11 +15,12 @@ speed    tiny random Qwen3 (real Qwen tokenizer) on the first 12 lists (--quick:
          pair with a side, longer than 1024 tokens), so both train the same pairs. Tools alternate (--repeats).
          Measured per run: pairs/s (training only, as scripts/bench.py), tokens computed, peak RSS.
 quality  MiniLM-L6 (pretrained encoder) on the same prompts, split by prompt: the first 233 lists train, the last
-         60 are held out (--quick: 40 / 12; `--hold-out first`: the last 233 train, the first 60 are held out). max_length 256, truncation truncate (a text keeps its last 256 tokens:
-         the end of the answer), passes of 4096 tokens, lr 5e-5, batch 8 rows, 2 epochs, seed 42, fp32. Trained on
-         the lists (each of `--objectives`: Bradley-Terry over every pair weighted per pair, or per list, or
-         Plackett-Luce) and on one best-versus-worst pair per list (`--pairs best-worst`, the binarized datasets
-         people ship), the same number of optimizer steps; then `rmtrain eval` of each on the held-out lists: pairwise accuracy over
+         60 are held out (--quick: 40 / 12; `--hold-out first`: the last 233 train, the first 60 are held out).
+         max_length 256, truncation truncate (a text keeps its last 256 tokens: the end of the answer), passes of
+         4096 tokens, lr 5e-5, batch 8 rows, 2 epochs, seed 42, fp32. Trained on the lists (each of `--objectives`:
+         Bradley-Terry over every pair weighted per pair, or per list, or Plackett-Luce) and on one
+         best-versus-worst pair per list (`--pairs best-worst`, the binarized datasets people ship), the same
+         number of optimizer steps; then `rmtrain eval` of each on the held-out lists: pairwise accuracy over
          every pair with different scores, top-1 accuracy (best-of-n: the highest reward is a best-graded
          completion) and mean Kendall tau per list.
 
