@@ -325,9 +325,6 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     m, d, t, lora = recipe.model, recipe.data, recipe.train, recipe.lora
     for path, section in (("data", d), ("lora", lora), ("train", t)):
         problems.extend(_not_finite(section, path))
-    for split in ("train", "eval"):
-        for i, source in enumerate(sources(d, split)):
-            problems.extend(_not_finite(source, f"data.{split}[{i}]" if isinstance(getattr(d, split), list) else f"data.{split}"))
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -342,6 +339,7 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
         check(not listed or bool(getattr(d, split)), f"data.{split}: an empty list; give a source or a list of sources")
         for i, source in enumerate(sources(d, split)):
             name = f"{split}[{i}]" if listed else split
+            problems.extend(_not_finite(source, f"data.{name}"))
             if not isinstance(source, DataSource):  # an item that is no mapping: already reported while building
                 continue
             check(bool(source.path), f"data.{name}.path: required (a local file or folder, or a Hub dataset id)")
