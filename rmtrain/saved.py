@@ -93,19 +93,18 @@ def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
     from rmtrain.config import load_recipe
 
     recipe_file = path / "recipe.yaml"
-    name = load_recipe(recipe_file).model.name_or_path if recipe_file.is_file() else json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not name or (name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir()):
-        source = "recipe.yaml model.name_or_path" if recipe_file.is_file() else "adapter_config.json base_model_name_or_path"
-        raise ModelError(f"{path}: its base model {name!r} ({source}) is not there; put it back, or fix that path")
     if recipe_file.is_file():
         mc = load_recipe(recipe_file).model
-        base = AutoModelForSequenceClassification.from_pretrained(
-            mc.name_or_path, num_labels=1, **mc.from_pretrained_kwargs() | ({"dtype": dtype} if dtype else {})
-        )
-        clear_gguf_quantization(base)
+        name, source = mc.name_or_path, "recipe.yaml model.name_or_path"
+        kwargs = mc.from_pretrained_kwargs() | ({"dtype": dtype} if dtype else {})
     else:
-        adapter = json.loads((path / "adapter_config.json").read_text())
-        base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"], num_labels=1, dtype=dtype)
+        name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        source, kwargs = "adapter_config.json base_model_name_or_path", {"dtype": dtype}
+    if not name or (name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir()):
+        raise ModelError(f"{path}: its base model {name!r} ({source}) is not there; put it back, or fix that path")
+    base = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kwargs)
+    if recipe_file.is_file():
+        clear_gguf_quantization(base)
     base.config.pad_token_id = AutoTokenizer.from_pretrained(str(path)).pad_token_id
     return peft.PeftModel.from_pretrained(base, str(path))
 
