@@ -401,13 +401,37 @@ def _list_group(row, sequences, scores, max_length, truncation, frame, stats: Pr
     return Group.of(row, [sequences[i] for i in kept], pairs, None, [scores[i] for i in kept])
 
 
+def token_ids_of(texts: list[str], add_special: bool, tokenizer) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=add_special)["input_ids"]`, straight from the Rust tokenizer when that is
+    the same call: it skips the offsets and the Python objects built around them, a third of a request's tokenizing."""
+    backend = rust_tokenizer(tokenizer)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special)]
+
+
+def rust_tokenizer(tokenizer):
+    """The tokenizer's Rust backend if nothing is set on it that transformers' call would change (truncation,
+    padding, splitting special tokens), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or not hasattr(backend, "encode_batch_fast")
+        or backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        return None
+    return backend
+
+
 def encode_whole_texts(
     texts: list[str], add_special: bool, tokenizer, fmt: TokenFormat, max_length: int, frame: tuple[int, int], wheres: list[str]
 ) -> tuple[list[list[int]], list[bool]]:
     """Token ids of texts to score (as `completion_texts` makes them), cut from the left beyond `max_length` as
     `data.truncation: truncate` cuts (`frame`: the tokenizer's special tokens, kept), and which were cut; the
     one tokenization of `rmtrain score` and `rmtrain serve`. A text holding the pad token is an error."""
-    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    ids = token_ids_of(texts, add_special, tokenizer)
     head, tail = frame if add_special else (0, 0)
     cut = [len(seq) > max_length for seq in ids]
     ids = [truncate_left(seq, max_length, head, tail) for seq in ids]

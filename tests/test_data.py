@@ -4,7 +4,7 @@ import pytest
 
 from rmtrain.config import ModelConfig
 from rmtrain.config import DataSource
-from rmtrain.data import tokenize_rows, truncate_left
+from rmtrain.data import rust_tokenizer, token_ids_of, tokenize_rows, truncate_left
 from rmtrain.errors import DataError
 from rmtrain.sources import read_rows
 from rmtrain.tokenizer import TokenFormat, load_tokenizer
@@ -154,3 +154,22 @@ def test_conversational_implicit_from_real_rows(shared_data, qwen_tok, qwen_fmt)
     a, _ = tokenize_rows(rows, "x", qwen_tok, qwen_fmt, 4096, "filter")
     b, _ = tokenize_rows(implicit, "x", qwen_tok, qwen_fmt, 4096, "filter")
     assert [p.sequence(0) for p in a] == [p.sequence(0) for p in b]
+
+
+@pytest.mark.parametrize("which", ["qwen", "bert"])
+def test_token_ids_straight_from_rust_equal_the_transformers_call(which, qwen_tok, bert_tok, shared_data):
+    tokenizer = {"qwen": qwen_tok, "bert": bert_tok}[which]
+    rows = read_jsonl(shared_data / "hh_harmless_test.jsonl")[:40]
+    texts = [r["chosen"] for r in rows] + ["<|im_end|> café 🙂\n\n  x<|endoftext|>", "[CLS] a [SEP] b [PAD]", " ", "naïve\tZoë"]
+    # MiniLM's tokenizer.json sets truncation and padding to 128 on the Rust side: the first call goes through
+    # transformers, which clears them; from then on the fast path is the one taken.
+    first = token_ids_of(texts[:3], True, tokenizer)
+    assert first == tokenizer(texts[:3])["input_ids"] and max(len(ids) for ids in first) > 128
+    assert rust_tokenizer(tokenizer) is not None
+    for add_special in (True, False):
+        assert token_ids_of(texts, add_special, tokenizer) == tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    # Something set on the Rust tokenizer that transformers' call would undo: the call itself is used.
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    assert rust_tokenizer(tokenizer) is None
+    assert token_ids_of(texts[:3], True, tokenizer) == tokenizer(texts[:3])["input_ids"]
+    assert max(len(ids) for ids in token_ids_of(texts[:3], True, tokenizer)) > 8
