@@ -5,8 +5,8 @@
 
 Workload: groups of G=8 completions per prompt, as GRPO samples them. Prompts are HH-harmless conversations up
 to their last "Assistant:" (../shared/data/hh_harmless_test.jsonl); completions are the last answers of other
-rows (chosen and rejected), so they read like replies. Every client sends its requests one after the other,
-`--clients` clients at once, each request one group (`POST /score`).
+rows (chosen and rejected), so they read like replies. Every client sends its requests one after the other on
+one kept-alive connection, `--clients` clients at once, each request one group (`POST /score`).
 
 Compared, on the same groups and model folder (fp32):
   (a) in-process, as TRL 1.16's GRPOTrainer scores a reward model: the group's texts `prompt + completion`
@@ -26,6 +26,7 @@ initialised score head, seeded), each saved as a plain model folder first.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -159,6 +160,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_connections = threading.local()
+
+
+def post_kept_alive(port: int, path: str, body: dict) -> dict:
+    """POST on this thread's own connection, kept open between requests as an RL worker's HTTP session keeps it
+    (`requests.Session`, httpx, aiohttp): no TCP connection set up and torn down per request."""
+    connection = getattr(_connections, "connection", None)
+    if connection is None or connection.port != port:
+        connection = _connections.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        _connections.connection = None
+        connection.close()
+        raise ConnectionError(str(error)) from error
+    if response.status != 200:
+        raise ConnectionError(f"{path}: HTTP {response.status}: {payload[:200]!r}")
+    return json.loads(payload)
+
+
 def served(folder: Path, groups: list[dict], clients: int, requests: int, extra: list[str], log: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -184,7 +207,7 @@ def served(folder: Path, groups: list[dict], clients: int, requests: int, extra:
                 time.sleep(0.2)
         call("/score", groups[0])  # warm-up
         before = call("/health")
-        result = run_clients(groups, clients, requests, lambda group: call("/score", group)["rewards"])
+        result = run_clients(groups, clients, requests, lambda group: post_kept_alive(port, "/score", group)["rewards"])
         after = call("/health")
     finally:
         process.send_signal(signal.SIGTERM)
