@@ -42,21 +42,29 @@ def _attention(original: str):
         batch, heads, width, dim = query.shape
         flat = lambda states: states.transpose(1, 2).reshape(batch * width, states.shape[1], dim)  # noqa: E731
         q, k, v = flat(query), flat(key), flat(value)
+        window = kwargs.get("sliding_window")
+        # The last layer's output is read at the reward tokens only (the score head's value there): the other
+        # queries' attention would be computed for nothing, and is left at zero.
+        layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        last_layer = layers is not None and getattr(module, "layer_idx", None) == layers - 1
         # Every real token is the query of exactly one virtual sequence, so the outputs go back in row order;
         # padded queries write to one extra row, dropped at the end.
         rows = query.new_zeros(batch * width + 1, heads, dim)
         for part in segments["parts"]:  # the prefixes, then the completions: each padded only to its own kind
-            mask = part["mask"]
-            count, _, queries, keys = mask.shape
-            window = kwargs.get("sliding_window")
+            if last_layer and "r_index" not in part:
+                continue  # prefixes: no reward is read there
+            count, _, queries, keys = part["mask"].shape
+            q_index, q_out, mask, q_at = part["q_index"], part["q_out"], part["mask"], part["q_at"]
+            if last_layer:
+                q_index, q_out, mask, q_at, queries = part["r_index"], part["r_index"], part["r_mask"], part["r_at"], 1
             if window:  # a sliding-window layer: only the last `window` positions
-                mask = mask & (part["q_at"][:, None, :, None] - part["k_at"][:, None, None, :]).lt(window)
+                mask = mask & (q_at[:, None, :, None] - part["k_at"][:, None, None, :]).lt(window)
             # index_select on the flat token axis: several times faster than indexing with a 2D index.
             gather = lambda states, index, width: states.index_select(0, index).view(count, width, -1, dim).transpose(1, 2)  # noqa: E731
             # A chunk of prefixes is causal over itself: no mask, and the kernel skips the blocks above the diagonal.
-            causal = part["causal"] and not window
+            causal = part["causal"] and not window and not last_layer
             out = F.scaled_dot_product_attention(
-                gather(q, part["q_index"], queries),
+                gather(q, q_index, queries),
                 gather(k, part["k_index"], keys),
                 gather(v, part["k_index"], keys),
                 attn_mask=None if causal else mask,
@@ -65,7 +73,7 @@ def _attention(original: str):
                 scale=scaling,
                 enable_gqa=key.shape[1] != heads,
             )
-            rows.index_copy_(0, part["q_out"], out.transpose(1, 2).reshape(count * queries, heads, dim).to(query.dtype))
+            rows.index_copy_(0, q_out, out.transpose(1, 2).reshape(count * queries, heads, dim).to(query.dtype))
         return rows[:-1].reshape(batch, width, heads, dim), None
 
     return attention
@@ -101,8 +109,8 @@ def segments(groups, bases: list[int]) -> dict:
         for completion in g.completions:
             completions.append((start, len(completion), base, n))
             start += len(completion)
-    chunks = [chunk for sequences in (prefixes, completions) for chunk in _similar(sequences)]
-    return _parts(chunks)
+    prefix_chunks, completion_chunks = _similar(prefixes), _similar(completions)
+    return _parts(prefix_chunks + completion_chunks, first_rewarded=len(prefix_chunks))
 
 
 def _similar(sequences: list[tuple[int, int, int, int]], waste: float = 0.5) -> list[list[tuple[int, int, int, int]]]:
@@ -121,10 +129,11 @@ def _similar(sequences: list[tuple[int, int, int, int]], waste: float = 0.5) -> 
     return chunks
 
 
-def _parts(chunks: list[list[tuple[int, int, int, int]]]) -> dict:
+def _parts(chunks: list[list[tuple[int, int, int, int]]], first_rewarded: int) -> dict:
     """Index tensors and masks of each chunk of virtual sequences (start, length, prefix start, prefix length),
     built for all chunks at once with tensor operations (a loop over tokens cost as much as the attention it
-    set up); each chunk's are views of the rows it owns, cut to its own widths."""
+    set up); each chunk's are views of the rows it owns, cut to its own widths. The chunks from `first_rewarded`
+    on are completions, whose last token is read as their reward: for the last layer, that query alone."""
     table = torch.tensor([sequence for chunk in chunks for sequence in chunk], dtype=torch.long)
     start, length, prefix_start, prefix_length = (column[:, None] for column in table.unbind(1))
     keys = prefix_length + length
@@ -136,8 +145,9 @@ def _parts(chunks: list[list[tuple[int, int, int, int]]]) -> dict:
     k_index = torch.where(k_valid, torch.where(k < prefix_length, prefix_start + k, start + k - prefix_length), 0)
     q_at = torch.where(q_valid, prefix_length + q, -1)  # positions: the prefix's 0.., then the sequence's own
     k_at = torch.where(k_valid, k, 1 << 40)  # padded keys are never seen
+    reward_index, reward_at = (start + length - 1).flatten(), prefix_length + length - 1
     parts, first = [], 0
-    for chunk in chunks:
+    for number, chunk in enumerate(chunks):
         rows, first = slice(first, first + len(chunk)), first + len(chunk)
         width, key_width = max(s[1] for s in chunk), max(s[1] + s[3] for s in chunk)
         part = {"q_at": q_at[rows, :width], "k_at": k_at[rows, :key_width]}
@@ -148,6 +158,8 @@ def _parts(chunks: list[list[tuple[int, int, int, int]]]) -> dict:
         causal = all(s[3] == 0 for s in chunk)
         parts.append(part | {"mask": mask, "causal": causal, "q_index": q_index[rows, :width].flatten(),
                              "k_index": k_index[rows, :key_width].flatten(), "q_out": q_out[rows, :width].flatten()})
+        if number >= first_rewarded:  # the reward token sees every key of its sequence
+            parts[-1] |= {"r_index": reward_index[rows], "r_at": reward_at[rows], "r_mask": k_valid[rows, None, None, :key_width]}
     return {"parts": parts}
 
 
