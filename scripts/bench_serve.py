@@ -31,6 +31,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,17 +87,23 @@ def in_process(folder: Path, groups: list[dict]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).eval()
     eos = json.loads((folder / "rmtrain_format.json").read_text()).get("append_eos") or ""
+
+    def rewards(group: dict):
+        texts = [group["prompt"] + c + eos for c in group["completions"]]
+        batch = tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
+        model(**batch).logits[:, 0].tolist()
+        return batch["input_ids"].numel(), len(texts)
+
     latencies, tokens, completions = [], 0, 0
-    start = time.perf_counter()
     with torch.no_grad():
+        rewards(groups[0])  # warm-up, as the servers get one
+        start = time.perf_counter()
         for group in groups:
             t0 = time.perf_counter()
-            texts = [group["prompt"] + c + eos for c in group["completions"]]
-            batch = tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
-            model(**batch).logits[:, 0].tolist()
+            computed, count = rewards(group)
             latencies.append(time.perf_counter() - t0)
-            tokens += batch["input_ids"].numel()
-            completions += len(texts)
+            tokens += computed
+            completions += count
     seconds = time.perf_counter() - start
     return {"completions_per_s": completions / seconds, "latencies": latencies, "computed_tokens": tokens, "failed": 0, "seconds": seconds}
 
@@ -266,7 +273,8 @@ def main() -> int:
             })
         runs = {label: median_run([r[label] for r in repeats]) for label in labels}
         base = runs[labels[0]]["completions_per_s"]
-        each = ", ".join(f"x{r[labels[2]]['completions_per_s'] / r[labels[0]]['completions_per_s']:.2f}" for r in repeats)
+        paired = [r[labels[2]]["completions_per_s"] / r[labels[0]]["completions_per_s"] for r in repeats]
+        each = ", ".join(f"x{ratio:.2f}" for ratio in paired) + (f" (median x{statistics.median(paired):.2f})" if len(paired) > 1 else "")
         lines = [f"**{name}: {args.clients} clients x {requests} requests, G={args.group} completions per request (HH prompts)"
                  + (f", median of {args.repeats} alternating repeats" if args.repeats > 1 else "") + "**", "",
                  "| scoring | completions/s | vs (a) | p50 latency s | p99 latency s | tokens computed | failed |", "|---|---|---|---|---|---|---|"]
