@@ -4,7 +4,8 @@ A shared-prefix row holds `prefix + c_1 + ... + c_K`; each completion may see th
 mask gets that right, but attention kernels still compute every masked-out block: (P + K C)^2 scores per
 row where the sequences need P^2 + K (P + C) C. Here the prefix is one short "virtual sequence" and every
 completion another (its queries against the prefix's and its own keys, gathered from the row), so nothing
-masked is computed, while the projections and MLPs still run once per token. rmtrain uses it for rows of
+masked is computed, while the projections and MLPs still run once per token. In the last layer only the reward
+tokens' queries are computed: nothing reads that layer's other outputs. rmtrain uses it for rows of
 three or more completions (lists, reward-server groups); for a pair the 4D mask costs about the same and
 has no gathering to do.
 
