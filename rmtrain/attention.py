@@ -5,7 +5,8 @@ mask gets that right, but attention kernels still compute every masked-out block
 row where the sequences need P^2 + K (P + C) C. Here the prefix is one short "virtual sequence" and every
 completion another (its queries against the prefix's and its own keys, gathered from the row), so nothing
 masked is computed, while the projections and MLPs still run once per token. In the last layer only the reward
-tokens' queries are computed: nothing reads that layer's other outputs. rmtrain uses it for rows of
+tokens' queries are computed, and when scoring its output projection and MLP run at those tokens only
+(`last_layer_at`): nothing reads that layer's other outputs. rmtrain uses it for rows of
 three or more completions (lists, reward-server groups); for a pair the 4D mask costs about the same and
 has no gathering to do.
 
@@ -17,6 +18,8 @@ rewards as the 4D mask.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
@@ -46,8 +49,7 @@ def _attention(original: str):
         window = kwargs.get("sliding_window")
         # The last layer's output is read at the reward tokens only (the score head's value there): the other
         # queries' attention would be computed for nothing, and is left at zero.
-        layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-        last_layer = layers is not None and getattr(module, "layer_idx", None) == layers - 1
+        last_layer = _is_last_layer(module)
         # Every real token is the query of exactly one virtual sequence, so the outputs go back in row order;
         # padded queries write to one extra row, dropped at the end.
         rows = query.new_zeros(batch * width + 1, heads, dim)
@@ -78,6 +80,45 @@ def _attention(original: str):
         return rows[:-1].reshape(batch, width, heads, dim), None
 
     return attention
+
+
+def _is_last_layer(attention_module) -> bool:
+    layers = getattr(getattr(attention_module, "config", None), "num_hidden_layers", None)
+    return layers is not None and getattr(attention_module, "layer_idx", None) == layers - 1
+
+
+@contextmanager
+def last_layer_at(model, index: torch.Tensor):
+    """Run the last decoder layer's output projection and MLP at the flat token positions `index` only (the
+    reward tokens; rows elsewhere are left at zero), for a forward without gradients.
+
+    Both work token by token and nothing reads that layer's other outputs, so the rewards are unchanged; for a
+    shallow model they are a large part of the forward. Models whose last layer has no `self_attn.o_proj` and
+    `mlp` are run whole. Not for training: a recomputed (checkpointed) layer would run without the hooks.
+    """
+    layer = next((m for m in model.modules() if _is_last_layer(getattr(m, "self_attn", None))), None)
+    modules = [getattr(getattr(layer, "self_attn", None), "o_proj", None), getattr(layer, "mlp", None)]
+    if not all(isinstance(module, torch.nn.Module) for module in modules):
+        yield
+        return
+    shapes: list[torch.Size] = []
+
+    def gather(_module, args):  # [rows, width, features] -> [1, len(index), features]
+        shapes.append(args[0].shape)
+        return (args[0].reshape(-1, args[0].shape[-1]).index_select(0, index).unsqueeze(0), *args[1:])
+
+    def scatter(_module, _args, output):  # and back, zeros elsewhere (a tuple's first item: MoE router logits follow)
+        shape, states = shapes.pop(), output if isinstance(output, torch.Tensor) else output[0]
+        rows = states.new_zeros(shape[:-1].numel(), states.shape[-1]).index_copy_(0, index, states[0])
+        rows = rows.view(*shape[:-1], states.shape[-1])
+        return rows if isinstance(output, torch.Tensor) else (rows, *output[1:])
+
+    handles = [hook for module in modules for hook in (module.register_forward_pre_hook(gather), module.register_forward_hook(scatter))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def register() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import types
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtrain.attention import KEYWORD, attention_is_segmented
+from rmtrain.attention import KEYWORD, attention_is_segmented, last_layer_at
 from rmtrain.config import LoraConfig, ModelConfig
 from rmtrain.errors import ModelError, first_line
 from rmtrain.loss import last_token_index
@@ -245,7 +246,10 @@ def sequence_rewards(
             # A 4D "mask" goes to the attention as it is: transformers builds none (its packed-sequence mask over
             # the whole row would be rows x rows), and segment attention reads the segments instead.
             attention_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
+        # Scoring (no gradients): the last layer's per-token work is done at the reward tokens only.
+        at_rewards = reward_index is not None and not torch.is_grad_enabled()
+        with last_layer_at(model, reward_index) if at_rewards else contextlib.nullcontext():
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
     finally:
         handle.remove()
     token_scores = captured[-1][..., 0]  # [rows, width]

@@ -203,6 +203,31 @@ def test_segment_attention_equals_the_mask_and_separate_sequences(qwen, shared_d
     assert choose_layout(qwen, True, False, "mask")[1] == "bool"  # and back
 
 
+@pytest.mark.shared_data
+def test_scoring_runs_the_last_layer_at_the_reward_tokens_only(qwen, shared_data):
+    """Without gradients, the last layer's output projection and MLP see one token per completion (its reward
+    token) in every layout, the other layers every token, and the rewards are those of the whole forward."""
+    groups = groups_of(qwen, short_lists(shared_data, 3, completions=5))
+    assert choose_layout(qwen, True, False)[1] == "segments"
+    layers = qwen.model.model.layers
+    seen: list[int] = []  # tokens each layer's MLP computed, in order
+    handles = [layer.mlp.register_forward_hook(lambda _m, _args, out: seen.append(out.shape[:-1].numel())) for layer in layers]
+    completions = sum(len(g.completions) for g in groups)
+    tokens = sum(len(g.prefix) + sum(map(len, g.completions)) for g in groups)
+    try:
+        for batch in (collate_shared_prefix(groups, 0, "segments"), collate_shared_prefix(groups, 0, "bool"), collate_plain(groups, qwen.fmt.pad_token_id)):
+            seen.clear()
+            with torch.no_grad():
+                scored = batch_rewards(qwen.model, qwen, batch)
+            assert seen[-1] == completions and all(n >= tokens for n in seen[:-1]), seen
+            whole = batch_rewards(qwen.model, qwen, batch).detach()  # with gradients: every layer whole
+            assert seen[-1] >= tokens
+            assert (scored - whole).abs().max().item() < 1e-5
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def train_once(rm, passes, t, lr=1.0):
     """One SGD step from the model's weights; returns (result, the step each parameter took = -gradient)."""
     from accelerate import Accelerator
