@@ -1,7 +1,7 @@
 """`make bench`, the reward server: `rmtrain serve` against TRL GRPOTrainer's in-process reward scoring.
 
     python scripts/bench_serve.py [--models tiny-qwen3,smollm2] [--clients 8] [--requests 8] [--group 8] [--quick]
-                                  [--repeats N] [--out FILE] [--work-dir DIR]
+                                  [--repeats N] [--scorings a,b,c,d] [--out FILE] [--work-dir DIR]
 
 Workload: groups of G=8 completions per prompt, as GRPO samples them. Prompts are HH-harmless conversations up
 to their last "Assistant:" (../shared/data/hh_harmless_test.jsonl); completions are the last answers of other
@@ -244,6 +244,7 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--quick", action="store_true", help="2 requests per client")
     parser.add_argument("--repeats", type=int, default=1, help="alternate (a) to (d) this many times; medians")
+    parser.add_argument("--scorings", default="a,b,c,d", help="which of (a)-(d) to run; (a) and (c) always run")
     parser.add_argument("--out", default="bench-serve-results.json")
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args()
@@ -261,17 +262,19 @@ def main() -> int:
     results: dict = {"machine": machine, "clients": args.clients, "requests_per_client": requests, "group": args.group, "models": {}}
     labels = ("(a) in-process, GRPOTrainer's way", "(b) rmtrain serve --no-share-prefix", "(c) rmtrain serve",
               "(d) (c) without HTTP: its Scorer in process")
+    chosen = [label for label in labels if label[1] in set(args.scorings.split(",")) | {"a", "c"}]
     for name in names:
         repeats: list[dict] = []
         for rep in range(args.repeats):  # alternating, since this machine is noisy
             print(f"{name}: repeat {rep + 1}/{args.repeats} ...", flush=True)
-            repeats.append({
-                labels[0]: in_process(folders[name], [groups[i % len(groups)] for i in range(args.clients * requests)]),
-                labels[1]: served(folders[name], groups, args.clients, requests, ["--no-share-prefix"], work / f"{name}-b.log"),
-                labels[2]: served(folders[name], groups, args.clients, requests, [], work / f"{name}-c.log"),
-                labels[3]: without_http(folders[name], groups, args.clients, requests),
-            })
-        runs = {label: median_run([r[label] for r in repeats]) for label in labels}
+            runs_of = {
+                labels[0]: lambda: in_process(folders[name], [groups[i % len(groups)] for i in range(args.clients * requests)]),
+                labels[1]: lambda: served(folders[name], groups, args.clients, requests, ["--no-share-prefix"], work / f"{name}-b.log"),
+                labels[2]: lambda: served(folders[name], groups, args.clients, requests, [], work / f"{name}-c.log"),
+                labels[3]: lambda: without_http(folders[name], groups, args.clients, requests),
+            }
+            repeats.append({label: run() for label, run in runs_of.items() if label in chosen})
+        runs = {label: median_run([r[label] for r in repeats]) for label in chosen}
         base = runs[labels[0]]["completions_per_s"]
         paired = [r[labels[2]]["completions_per_s"] / r[labels[0]]["completions_per_s"] for r in repeats]
         each = ", ".join(f"x{ratio:.2f}" for ratio in paired) + (f" (median x{statistics.median(paired):.2f})" if len(paired) > 1 else "")
