@@ -1,7 +1,8 @@
 """`make bench`, the reward server: `rmtrain serve` against TRL GRPOTrainer's in-process reward scoring.
 
     python scripts/bench_serve.py [--models tiny-qwen3,smollm2] [--clients 8] [--requests 8] [--group 8] [--quick]
-                                  [--repeats N] [--scorings a,b,c,d] [--out FILE] [--work-dir DIR]
+                                  [--repeats N] [--scorings a,b,c,d] [--alternating] [--out FILE]
+                                  [--work-dir DIR]
 
 Workload: groups of G=8 completions per prompt, as GRPO samples them. Prompts are HH-harmless conversations up
 to their last "Assistant:" (../shared/data/hh_harmless_test.jsonl); completions are the last answers of other
@@ -16,6 +17,8 @@ Compared, on the same groups and model folder (fp32):
   (b) `rmtrain serve --no-share-prefix`: the same server, every completion its own padded sequence;
   (c) `rmtrain serve` (defaults): a group is one row, its prompt computed once (segment attention);
   (d) (c) without HTTP: the same clients as threads calling the server's parsing and `Scorer` in this process.
+With `--alternating`, also (a)'s scoring and the server's worker one group each in turn in this process (the
+machine's drift falls on both alike): the ratio of their times.
 Measured: completions/s over the whole workload, latency per request (p50, p99), tokens computed (the server's
 /health counts; (a) the padded batch sizes), and failed requests (must be zero).
 
@@ -79,8 +82,9 @@ save_model_folder(rm.model, None, rm.tokenizer, rm.fmt, 1024, out)
     return folders
 
 
-def in_process(folder: Path, groups: list[dict]) -> dict:
-    """(a): GRPOTrainer's way, one padded batch per group, in this process."""
+def grpo_scoring(folder: Path):
+    """(a)'s scoring of one group, GRPOTrainer's way: its `prompt + completion` texts in one right-padded batch
+    through plain transformers. Returns a function of a group giving the tokens it computed."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -88,24 +92,67 @@ def in_process(folder: Path, groups: list[dict]) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).eval()
     eos = json.loads((folder / "rmtrain_format.json").read_text()).get("append_eos") or ""
 
-    def rewards(group: dict):
+    @torch.no_grad()
+    def score(group: dict) -> int:
         texts = [group["prompt"] + c + eos for c in group["completions"]]
         batch = tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
         model(**batch).logits[:, 0].tolist()
-        return batch["input_ids"].numel(), len(texts)
+        return batch["input_ids"].numel()
 
+    return score
+
+
+def in_process(folder: Path, groups: list[dict]) -> dict:
+    """(a): GRPOTrainer's way, one padded batch per group, in this process."""
+    score = grpo_scoring(folder)
     latencies, tokens, completions = [], 0, 0
-    with torch.no_grad():
-        rewards(groups[0])  # warm-up, as the servers get one
-        start = time.perf_counter()
-        for group in groups:
-            t0 = time.perf_counter()
-            computed, count = rewards(group)
-            latencies.append(time.perf_counter() - t0)
-            tokens += computed
-            completions += count
+    score(groups[0])  # warm-up, as the servers get one
+    start = time.perf_counter()
+    for group in groups:
+        t0 = time.perf_counter()
+        tokens += score(group)
+        latencies.append(time.perf_counter() - t0)
+        completions += len(group["completions"])
     seconds = time.perf_counter() - start
     return {"completions_per_s": completions / seconds, "latencies": latencies, "computed_tokens": tokens, "failed": 0, "seconds": seconds}
+
+
+def server_scorer(folder: Path):
+    """The server's worker and tokenizing, with the server's defaults, in this process."""
+    import torch
+
+    from rmtrain.budget import inference_tokens_per_forward
+    from rmtrain.saved import load_saved
+    from rmtrain.serve import Scorer, Tokens
+
+    rm, max_length = load_saved(str(folder))
+    device = torch.device("cpu")
+    return Scorer(rm, device, True, inference_tokens_per_forward(rm.model, device), 64, 0.005), Tokens(rm, max_length or 1024)
+
+
+def alternating(folder: Path, groups: list[dict]) -> dict:
+    """(a)'s scoring and the server's worker (`Scorer.score` called in this thread, the group already tokenized),
+    one group each in turn. This machine's speed drifts by a third over minutes, which the whole-workload runs
+    above feel one at a time; here the drift falls on both alike. The ratio of their summed times is what the
+    server's forward buys on these groups (the prompt once, no padding), without HTTP, clients or batching across
+    requests."""
+    from rmtrain.serve import Job, parse_score
+
+    score = grpo_scoring(folder)
+    scorer, tokens = server_scorer(folder)
+    parsed = [parse_score(group, tokens).groups for group in groups]
+    score(groups[0])  # warm-up, both
+    scorer.score([Job(parsed[0])])
+    seconds = {"a": 0.0, "server": 0.0}
+    for group, tokenized in zip(groups, parsed):
+        t0 = time.perf_counter()
+        score(group)
+        t1 = time.perf_counter()
+        scorer.score([Job(tokenized)])
+        seconds["a"] += t1 - t0
+        seconds["server"] += time.perf_counter() - t1
+    scorer.stop()
+    return {"seconds_a": seconds["a"], "seconds_server": seconds["server"], "ratio": seconds["a"] / seconds["server"]}
 
 
 def run_clients(groups: list[dict], clients: int, requests: int, rewards_of) -> dict:
@@ -142,16 +189,9 @@ def without_http(folder: Path, groups: list[dict], clients: int, requests: int) 
     """(d): what (c) does without HTTP: the same clients as threads of this process, each parsing and tokenizing its
     group (`rmtrain.serve.parse_score`) and handing it to the server's `Scorer` (server defaults). (c) against (d) is
     what HTTP, JSON and the client processes cost."""
-    import torch
+    from rmtrain.serve import parse_score
 
-    from rmtrain.budget import inference_tokens_per_forward
-    from rmtrain.saved import load_saved
-    from rmtrain.serve import Scorer, Tokens, parse_score
-
-    rm, max_length = load_saved(str(folder))
-    device = torch.device("cpu")
-    scorer = Scorer(rm, device, True, inference_tokens_per_forward(rm.model, device), 64, 0.005)
-    tokens = Tokens(rm, max_length or 1024)
+    scorer, tokens = server_scorer(folder)
     scorer.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
     before = scorer.stats["computed_tokens"]
     result = run_clients(groups, clients, requests, lambda group: scorer.submit(parse_score(group, tokens).groups).result()[0])
@@ -245,6 +285,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 requests per client")
     parser.add_argument("--repeats", type=int, default=1, help="alternate (a) to (d) this many times; medians")
     parser.add_argument("--scorings", default="a,b,c,d", help="which of (a)-(d) to run; (a) and (c) always run")
+    parser.add_argument("--alternating", action="store_true", help="also time (a) and the server's worker group by group in turn")
     parser.add_argument("--out", default="bench-serve-results.json")
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args()
@@ -286,9 +327,13 @@ def main() -> int:
             lines.append(f"| {label} | {r['completions_per_s']:.1f}{spread} | x{r['completions_per_s'] / base:.2f} | {r['p50']:.3f} | "
                          f"{r['p99']:.3f} | {r['computed_tokens']:,} | {r['failed']} |")
         lines += ["", f"(c) / (a) in each repeat: {each}"]
+        if args.alternating:
+            turns = alternating(folders[name], groups)
+            lines.append(f"(a) and the server's worker in turn, group by group, in one process: {turns['seconds_a']:.1f} s against "
+                         f"{turns['seconds_server']:.1f} s, x{turns['ratio']:.2f}")
         table = "\n".join(lines)
         print("\n" + table + "\n", flush=True)
-        results["models"][name] = {"runs": runs, "repeats": [{k: {**v, "latencies": None} for k, v in r.items()} for r in repeats], "table": table}
+        results["models"][name] = {"alternating": turns if args.alternating else None, "runs": runs, "repeats": [{k: {**v, "latencies": None} for k, v in r.items()} for r in repeats], "table": table}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {args.out}", flush=True)
     return 0
