@@ -92,7 +92,7 @@ def grpo_scoring(folder: Path):
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).eval()
     eos = json.loads((folder / "rmtrain_format.json").read_text()).get("append_eos") or ""
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as GRPOTrainer scores its reward model
     def score(group: dict) -> int:
         texts = [group["prompt"] + c + eos for c in group["completions"]]
         batch = tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
