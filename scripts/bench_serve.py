@@ -17,8 +17,8 @@ Compared, on the same groups and model folder (fp32):
   (b) `rmtrain serve --no-share-prefix`: the same server, every completion its own padded sequence;
   (c) `rmtrain serve` (defaults): a group is one row, its prompt computed once (segment attention);
   (d) (c) without HTTP: the same clients as threads calling the server's parsing and `Scorer` in this process.
-With `--alternating`, also (a)'s scoring and the server's worker one group each in turn in this process (the
-machine's drift falls on both alike): the ratio of their times.
+With `--alternating`, also (a)'s scoring and the server's tokenizing and worker one group each in turn in this
+process (the machine's drift falls on both alike): the ratio of their times.
 Measured: completions/s over the whole workload, latency per request (p50, p99), tokens computed (the server's
 /health counts; (a) the padded batch sizes), and failed requests (must be zero).
 
@@ -131,8 +131,8 @@ def server_scorer(folder: Path):
 
 
 def alternating(folder: Path, groups: list[dict]) -> dict:
-    """(a)'s scoring and the server's worker (`Scorer.score` called in this thread, the group already tokenized),
-    one group each in turn. This machine's speed drifts by a third over minutes, which the whole-workload runs
+    """(a)'s scoring and the server's (its tokenizing, then `Scorer.score` called in this thread), one group each in
+    turn: texts to rewards on both sides. The machine's speed drifts over minutes, which the whole-workload runs
     above feel one at a time; here the drift falls on both alike. The ratio of their summed times is what the
     server's forward buys on these groups (the prompt once, no padding), without HTTP, clients or batching across
     requests."""
@@ -140,15 +140,14 @@ def alternating(folder: Path, groups: list[dict]) -> dict:
 
     score = grpo_scoring(folder)
     scorer, tokens = server_scorer(folder)
-    parsed = [parse_score(group, tokens).groups for group in groups]
     score(groups[0])  # warm-up, both
-    scorer.score([Job(parsed[0])])
+    scorer.score([Job(parse_score(groups[0], tokens).groups)])
     seconds = {"a": 0.0, "server": 0.0}
-    for group, tokenized in zip(groups, parsed):
+    for group in groups:
         t0 = time.perf_counter()
         score(group)
         t1 = time.perf_counter()
-        scorer.score([Job(tokenized)])
+        scorer.score([Job(parse_score(group, tokens).groups)])
         seconds["a"] += t1 - t0
         seconds["server"] += time.perf_counter() - t1
     scorer.stop()
@@ -285,7 +284,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 requests per client")
     parser.add_argument("--repeats", type=int, default=1, help="alternate (a) to (d) this many times; medians")
     parser.add_argument("--scorings", default="a,b,c,d", help="which of (a)-(d) to run; (a) and (c) always run")
-    parser.add_argument("--alternating", action="store_true", help="also time (a) and the server's worker group by group in turn")
+    parser.add_argument("--alternating", action="store_true", help="also time (a) and the server's tokenizing and worker group by group in turn")
     parser.add_argument("--out", default="bench-serve-results.json")
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args()
@@ -327,13 +326,13 @@ def main() -> int:
             lines.append(f"| {label} | {r['completions_per_s']:.1f}{spread} | x{r['completions_per_s'] / base:.2f} | {r['p50']:.3f} | "
                          f"{r['p99']:.3f} | {r['computed_tokens']:,} | {r['failed']} |")
         lines += ["", f"(c) / (a) in each repeat: {each}"]
-        if args.alternating:
-            turns = alternating(folders[name], groups)
-            lines.append(f"(a) and the server's worker in turn, group by group, in one process: {turns['seconds_a']:.1f} s against "
+        turns = alternating(folders[name], groups) if args.alternating else None
+        if turns:
+            lines.append(f"(a) and the server's tokenizing and worker in turn, group by group, in one process: {turns['seconds_a']:.1f} s against "
                          f"{turns['seconds_server']:.1f} s, x{turns['ratio']:.2f}")
         table = "\n".join(lines)
         print("\n" + table + "\n", flush=True)
-        results["models"][name] = {"alternating": turns if args.alternating else None, "runs": runs, "repeats": [{k: {**v, "latencies": None} for k, v in r.items()} for r in repeats], "table": table}
+        results["models"][name] = {"alternating": turns, "runs": runs, "repeats": [{k: {**v, "latencies": None} for k, v in r.items()} for r in repeats], "table": table}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results in {args.out}", flush=True)
     return 0
