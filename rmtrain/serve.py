@@ -11,9 +11,9 @@ Endpoints (FastAPI on uvicorn, the `serve` extra):
   the others (the shared prefix of training), so the prompt is computed once per group.
 
 One worker thread owns the model. Requests are gathered for at most `max_wait_ms` after the first arrives,
-then cut into batches of bounded tokens, longest first (rmtrain.batching's inference batches), and each
-caller gets its own rewards back. Bad input is a 400 with `{"error": "<field>: <what was expected>"}`; out of
-memory on a batch is a 503 for the requests in it, and the server goes on.
+then cut into batches of bounded tokens, longest first (rmtrain.batching's inference batches), and each caller
+gets its own rewards back once its last sequence is scored. Bad input is a 400 with `{"error": "<field>: <what
+was expected>"}`; out of memory on a batch is a 503 for the requests in it, and the server goes on.
 """
 
 
@@ -216,39 +216,44 @@ class Scorer:
 
     @torch.inference_mode()
     def score(self, jobs: list[Job]) -> None:
+        """Score the jobs' groups in batches, and answer each job as soon as its last sequence is scored: its caller
+        turns around while the round's other batches run."""
         groups = [g for job in jobs for g in job.groups]
         owner = [j for j, job in enumerate(jobs) for g in job.groups for _ in g.completions]  # job of each sequence
+        sizes = [sum(len(g.completions) for g in job.groups) for job in jobs]
+        starts, left = [sum(sizes[:j]) for j in range(len(jobs))], list(sizes)  # left: sequences still to score
         loader, total = inference_loader(groups, self.layout, self.rm.fmt.pad_token_id, self.mask_format, self.max_sequences, self.max_tokens)
         rewards = torch.full((total,), float("nan"))
         failed: set[int] = set()
         for batch in loader:
-            keys = batch["key"]
-            if all(owner[k] in failed for k in keys.tolist()):  # a batch with one live job is still scored for it
-                continue
-            moved = send_to_device(batch, self.device)
-            try:
-                rewards[keys] = batch_rewards(self.rm.model, self.rm, moved).cpu()
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                failed.update(owner[k] for k in keys.tolist())
-                continue
-            self.stats["batches"] += 1
-            self.stats["sequences"] += len(keys)
-            self.stats["computed_tokens"] += batch["input_ids"].numel()
-        start = 0
-        for j, job in enumerate(jobs):
-            size = sum(len(g.completions) for g in job.groups)
-            if j in failed:
-                answer(job, exception=Overloaded("out of memory on the batch this request was in; retry, or send smaller requests"))
-            else:
-                values = rewards[start : start + size].tolist()
-                out, at = [], 0
-                for g in job.groups:
-                    out.append(values[at : at + len(g.completions)])
-                    at += len(g.completions)
-                answer(job, result=out)
-            start += size
+            keys = batch["key"].tolist()
+            if any(owner[k] not in failed for k in keys):  # a batch with one live job is still scored for it
+                try:
+                    rewards[batch["key"]] = batch_rewards(self.rm.model, self.rm, send_to_device(batch, self.device)).cpu()
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    failed.update(owner[k] for k in keys)
+                else:
+                    self.stats["batches"] += 1
+                    self.stats["sequences"] += len(keys)
+                    self.stats["computed_tokens"] += batch["input_ids"].numel()
+            for k in keys:
+                left[owner[k]] -= 1
+            for j in sorted({owner[k] for k in keys}):
+                if left[j] == 0:
+                    self._answer(jobs[j], rewards[starts[j] : starts[j] + sizes[j]], j in failed)
+
+    @staticmethod
+    def _answer(job: Job, rewards: torch.Tensor, failed: bool) -> None:
+        if failed:
+            answer(job, exception=Overloaded("out of memory on the batch this request was in; retry, or send smaller requests"))
+            return
+        values, out, at = rewards.tolist(), [], 0
+        for g in job.groups:
+            out.append(values[at : at + len(g.completions)])
+            at += len(g.completions)
+        answer(job, result=out)
 
 
 def answer(job: Job, result: Any = None, exception: BaseException | None = None) -> None:

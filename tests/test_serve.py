@@ -252,6 +252,43 @@ def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_
         assert response.status_code == 200 and len(response.json()["rewards"]) == len(long_group["completions"])
 
 
+def test_a_request_is_answered_as_soon_as_its_own_batches_are_scored(tiny_qwen3):
+    """A round cut into several batches (here one group each, longest first) answers each request when its last
+    sequence is scored, so its caller turns around while the round's other batches run, with the rewards it gets
+    when scored alone."""
+    import torch
+
+    from rmtrain.saved import load_saved
+    from rmtrain.serve import Job, Scorer, Tokens
+
+    rm, max_length = load_saved(tiny_qwen3)
+    tokens = Tokens(rm, max_length or 1024)
+    prompt = "Human: Can you help me?\n\nAssistant:"
+    long_group = tokens.group(prompt, [" Yes, " * 20, " No, " * 20, " Maybe, " * 20], "")[0]
+    short_group = tokens.group(prompt, [" Hello.", " Go away.", " Hi there."], "")[0]
+    scorer = Scorer(rm, torch.device("cpu"), True, None, 3, max_wait_s=0.0)
+    alone = []
+    for group in (short_group, long_group):
+        job = Job([group])
+        scorer.score([job])
+        alone.append(job.future.result())
+    short_job, long_job = Job([short_group]), Job([long_group])
+    forward, answered = rm.model.forward, []
+
+    def forward_noting_answers(*args, **kwargs):
+        answered.append((long_job.future.done(), short_job.future.done()))
+        return forward(*args, **kwargs)
+
+    rm.model.forward = forward_noting_answers
+    try:
+        scorer.score([short_job, long_job])
+    finally:
+        rm.model.forward = forward
+        scorer.stop()
+    assert answered == [(False, False), (True, False)]
+    assert [short_job.future.result(), long_job.future.result()] == alone
+
+
 def test_a_round_takes_the_requests_already_queued_even_with_no_wait():
     """`--max-wait-ms 0` means "do not wait for more", not "one request per batch": what is queued when a round
     starts joins it; the stop sentinel ends the gathering and is reported."""
