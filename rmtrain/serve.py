@@ -10,7 +10,8 @@ Endpoints (FastAPI on uvicorn, the `serve` extra):
   `{"prompt", "completion"}`; for decoders a group is one row, prompt + completions, each completion blind to
   the others (the shared prefix of training), so the prompt is computed once per group.
 
-One worker thread owns the model. Requests are gathered for at most `max_wait_ms` after the first arrives,
+One worker thread owns the model. Requests are gathered for at most `max_wait_ms` after the first arrives, or
+until every open connection has sent one (each connection has one request at a time: nothing more can come),
 then cut into batches of bounded tokens, longest first (rmtrain.batching's inference batches), and each caller
 gets its own rewards back once its last sequence is scored. Bad input is a 400 with `{"error": "<field>: <what
 was expected>"}`; out of memory on a batch is a 503 for the requests in it, and the server goes on.
@@ -24,7 +25,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate.utils import send_to_device
@@ -165,12 +166,18 @@ class Job:
 
 class Scorer:
     """One thread owns the model: it gathers the jobs that arrive within `max_wait_s` of the first, scores
-    them in batches of at most `max_sequences` sequences and `max_tokens` tokens, and answers each job."""
+    them in batches of at most `max_sequences` sequences and `max_tokens` tokens, and answers each job.
 
-    def __init__(self, rm: RewardModel, device, share_prefix: bool, max_tokens: int | None, max_sequences: int, max_wait_s: float):
+    `open_connections`, when given, counts the connections that could send a job (the HTTP server's): the gathering
+    stops as soon as it holds that many jobs, since a connection has one request at a time and waiting longer
+    would only leave the model idle."""
+
+    def __init__(self, rm: RewardModel, device, share_prefix: bool, max_tokens: int | None, max_sequences: int, max_wait_s: float,
+                 open_connections: Callable[[], int] | None = None):
         self.rm, self.device = rm, device
         self.layout, self.mask_format, self.note = choose_layout(rm, share_prefix, padding_free=False)
         self.max_tokens, self.max_sequences, self.max_wait_s = max_tokens, max_sequences, max_wait_s
+        self.open_connections = open_connections
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0}
         self.thread = threading.Thread(target=self._run, name="rmtrain-scorer", daemon=True)
@@ -187,10 +194,11 @@ class Scorer:
         self.thread.join()
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """`first` and the jobs that arrive within `max_wait_s` of it; those already queued are taken even with
-        no wait at all (`--max-wait-ms 0` scored one request per batch). True when the stop sentinel came."""
+        """`first` and the jobs that arrive within `max_wait_s` of it, or until there is one job per open connection;
+        those already queued are taken even with no wait at all (`--max-wait-ms 0` scored one request per batch).
+        True when the stop sentinel came."""
         jobs, deadline = [first], time.monotonic() + self.max_wait_s
-        while True:
+        while self.open_connections is None or len(jobs) < self.open_connections():
             try:
                 left = deadline - time.monotonic()
                 job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
@@ -401,5 +409,8 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
     )
     app = create_app(scorer, tokens)
     server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
+    connections = getattr(getattr(server, "server_state", None), "connections", None)  # uvicorn's set of open connections
+    if isinstance(connections, set):
+        scorer.open_connections = connections.__len__
     server.announce = f"listening on http://{host}:{port}"
     server.run()

@@ -297,7 +297,7 @@ def test_a_round_takes_the_requests_already_queued_even_with_no_wait():
     from rmtrain.serve import Job, Scorer
 
     scorer = Scorer.__new__(Scorer)  # the gathering alone, without a model or a worker thread
-    scorer.jobs, scorer.max_wait_s = queue.Queue(), 0.0
+    scorer.jobs, scorer.max_wait_s, scorer.open_connections = queue.Queue(), 0.0, None
     first, *queued = [Job([]) for _ in range(4)]
     for job in queued:
         scorer.jobs.put(job)
@@ -308,12 +308,60 @@ def test_a_round_takes_the_requests_already_queued_even_with_no_wait():
     assert scorer._gather(first) == ([first, queued[0]], True)
 
 
+def test_a_round_stops_gathering_once_every_open_connection_has_sent_a_request():
+    """A connection has one request at a time: once the round holds a job per open connection nothing more can
+    come, and the round starts without waiting out `--max-wait-ms`; while a connection is still to send, the window
+    holds."""
+    import queue
+
+    from rmtrain.serve import Job, Scorer
+
+    scorer = Scorer.__new__(Scorer)  # the gathering alone, without a model or a worker thread
+    scorer.jobs, scorer.max_wait_s = queue.Queue(), 60.0
+    first, *others = [Job([]) for _ in range(3)]
+    scorer.open_connections = lambda: 3
+    threading.Timer(0.2, scorer.jobs.put, args=(others[1],)).start()  # the last connection sends a little later
+    scorer.jobs.put(others[0])
+    start = time.monotonic()
+    assert scorer._gather(first) == ([first, *others], False)
+    assert time.monotonic() - start < 20
+    scorer.open_connections, scorer.max_wait_s = (lambda: 5), 0.3
+    scorer.jobs.put(others[0])
+    start = time.monotonic()
+    assert scorer._gather(first) == ([first, others[0]], False)
+    assert time.monotonic() - start >= 0.3
+
+
+def test_the_server_does_not_wait_out_its_window_once_every_connection_is_in(tiny_qwen3, tmp_path, shared_data):
+    """Over HTTP: with a 60 s gathering window, two concurrent requests (the only open connections) are answered at
+    once, so the server counts its open connections."""
+    groups = hh_groups(shared_data, 2, 3)
+    server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "60000")
+    answers: list[tuple[int, dict]] = []
+    try:
+        start = time.monotonic()
+        threads = [threading.Thread(target=lambda g=g: answers.append(server.post("/score", g))) for g in groups]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        status = server.terminate()
+    assert [code for code, _ in answers] == [200, 200] and elapsed < 20, (answers, elapsed)
+    assert status == 0
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_qwen3, tmp_path, shared_data):
-    """Requests sent before SIGTERM (held by a 1.5 s gathering window, so they are surely in flight when the signal
-    lands) are all answered with their rewards; then the server exits with status 0 and refuses new connections."""
+    """Requests sent before SIGTERM (held by a 1.5 s gathering window that an idle open connection keeps open, so
+    they are surely in flight when the signal lands) are all answered with their rewards; then the server exits
+    with status 0 and refuses new connections."""
+    import socket
+
     groups = hh_groups(shared_data, 6, 4)
     server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "1500")
     answers: list[tuple[int, dict]] = []
+    idle = socket.create_connection(("127.0.0.1", server.port))  # a client that has not sent its request yet
     try:
         threads = [threading.Thread(target=lambda g=g: answers.append(server.post("/score", g))) for g in groups]
         for thread in threads:
@@ -324,6 +372,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_qwen3, tmp_pat
             thread.join(timeout=60)
         status = server.process.wait(timeout=60)
     finally:
+        idle.close()
         server.kill()
     assert status == 0, server.log.read_text()[-3000:]
     assert sorted(len(body["rewards"]) for code, body in answers if code == 200) == [4] * len(groups), answers
