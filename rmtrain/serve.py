@@ -10,22 +10,27 @@ Endpoints (FastAPI on uvicorn, the `serve` extra):
   `{"prompt", "completion"}`; for decoders a group is one row, prompt + completions, each completion blind to
   the others (the shared prefix of training), so the prompt is computed once per group.
 
-One worker thread owns the model. Requests are gathered for at most `max_wait_ms` after the first arrives, or
-until every open connection has sent one (each connection has one request at a time: nothing more can come),
-then cut into batches of bounded tokens, longest first (rmtrain.batching's inference batches), and each caller
-gets its own rewards back once its last sequence is scored. Bad input is a 400 with `{"error": "<field>: <what
-was expected>"}`; out of memory on a batch is a 503 for the requests in it, and the server goes on.
+One worker owns the model: in `rmtrain serve` the main thread, which loaded it, while HTTP runs on a thread of
+its own (torch's OpenMP threads belong to the thread that first ran a parallel region; another thread's regions
+each wake a second team, which slows every small operation). A round is the request the worker takes and those
+that arrive within `max_wait_ms` (waited for while they are parsed), or fewer once every open connection has
+sent one (a connection has one request at a time: nothing more can come); it is cut into batches of bounded
+tokens, longest first (rmtrain.batching's inference batches), and each caller gets its own rewards back once its
+last sequence is scored. Bad input is a 400 with `{"error": "<field>: <what was expected>"}`; out of memory on a
+batch is a 503 for the requests in it, and the server goes on.
 """
 
 
+import itertools
 import json
 import queue
 import socket
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate.utils import send_to_device
@@ -164,60 +169,106 @@ class Job:
     future: Future = field(default_factory=Future)
 
 
-class Scorer:
-    """One thread owns the model: it gathers the jobs that arrive within `max_wait_s` of the first, scores
-    them in batches of at most `max_sequences` sequences and `max_tokens` tokens, and answers each job.
+class Rounds:
+    """The jobs waiting for the worker, and which of them make its next round: the first it takes and the jobs of
+    the requests that arrive within `max_wait_s` of then (those still being parsed when the window ends are waited
+    for, up to `max_wait_s` more), or fewer once there is one job per open connection (`open_connections`, the
+    HTTP server's count: a connection has one request at a time, so waiting longer would only leave the model
+    idle)."""
 
-    `open_connections`, when given, counts the connections that could send a job (the HTTP server's): the gathering
-    stops as soon as it holds that many jobs, since a connection has one request at a time and waiting longer
-    would only leave the model idle."""
-
-    def __init__(self, rm: RewardModel, device, share_prefix: bool, max_tokens: int | None, max_sequences: int, max_wait_s: float,
-                 open_connections: Callable[[], int] | None = None):
-        self.rm, self.device = rm, device
-        self.layout, self.mask_format, self.note = choose_layout(rm, share_prefix, padding_free=False)
-        self.max_tokens, self.max_sequences, self.max_wait_s = max_tokens, max_sequences, max_wait_s
-        self.open_connections = open_connections
+    def __init__(self, max_wait_s: float, open_connections: Callable[[], int] | None = None):
+        self.max_wait_s, self.open_connections = max_wait_s, open_connections
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0}
-        self.thread = threading.Thread(target=self._run, name="rmtrain-scorer", daemon=True)
-        self.thread.start()
+        self.arrivals: dict[int, float] = {}  # requests received and not yet submitted (being read or parsed): when
+        self.arrivals_lock, self.arrival_keys = threading.Lock(), itertools.count()
 
     def submit(self, groups: list[Group]) -> Future:
         job = Job(groups)
         self.jobs.put(job)
         return job.future
 
-    def stop(self) -> None:
-        """Finish what was submitted, then end the thread."""
-        self.jobs.put(None)
-        self.thread.join()
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Held by a request from its arrival until its job is submitted (or it fails)."""
+        key = next(self.arrival_keys)
+        with self.arrivals_lock:
+            self.arrivals[key] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self.arrivals_lock:
+                del self.arrivals[key]
 
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """`first` and the jobs that arrive within `max_wait_s` of it, or until there is one job per open connection;
-        those already queued are taken even with no wait at all (`--max-wait-ms 0` scored one request per batch).
-        True when the stop sentinel came."""
-        jobs, deadline = [first], time.monotonic() + self.max_wait_s
+    def stop(self) -> None:
+        """The worker ends once the jobs submitted so far are taken."""
+        self.jobs.put(None)
+
+    def take(self) -> tuple[list[Job], bool]:
+        """The next round (blocking until a job comes), and whether the stop came; an empty round once stopped.
+        Jobs already queued are taken even with no wait at all (`--max-wait-ms 0` scored one request per batch)."""
+        first = self.jobs.get()
+        if first is None:
+            return [], True
+        jobs, window_end = [first], time.monotonic() + self.max_wait_s
         while self.open_connections is None or len(jobs) < self.open_connections():
+            now = time.monotonic()
+            if now < window_end:
+                timeout = window_end - now
+            elif now < window_end + self.max_wait_s and self._arrived_by(window_end):
+                timeout = 0.001  # one is being parsed; look again shortly, as its parsing may also fail
+            else:
+                timeout = 0.0
             try:
-                left = deadline - time.monotonic()
-                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
+                job = self.jobs.get(timeout=timeout) if timeout > 0 else self.jobs.get_nowait()
             except queue.Empty:
+                if timeout > 0:
+                    continue
                 break
             if job is None:
                 return jobs, True
             jobs.append(job)
         return jobs, False
 
-    def _run(self) -> None:
+    def _arrived_by(self, moment: float) -> bool:
+        with self.arrivals_lock:
+            return any(received <= moment for received in self.arrivals.values())
+
+
+class Scorer:
+    """The worker that owns the model: it takes `rounds` of jobs, scores them in batches of at most `max_sequences`
+    sequences and `max_tokens` tokens, and answers each job."""
+
+    def __init__(self, rm: RewardModel, device, share_prefix: bool, max_tokens: int | None, max_sequences: int, max_wait_s: float):
+        self.rm, self.device = rm, device
+        self.layout, self.mask_format, self.note = choose_layout(rm, share_prefix, padding_free=False)
+        self.max_tokens, self.max_sequences = max_tokens, max_sequences
+        self.rounds = Rounds(max_wait_s)
+        self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0}
+        self.thread: threading.Thread | None = None
+
+    def submit(self, groups: list[Group]) -> Future:
+        return self.rounds.submit(groups)
+
+    def start(self) -> "Scorer":
+        """Run the worker on a thread of its own (in process: tests, benchmarks); `serve` runs it on the main thread."""
+        self.thread = threading.Thread(target=self.run, name="rmtrain-scorer", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish what was submitted, then end the worker (waiting for its thread, if `start` made one)."""
+        self.rounds.stop()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def run(self) -> None:
+        """Score rounds until `stop`."""
         stopping = False
         while not stopping:
-            first = self.jobs.get()
-            if first is None:
-                return
-            jobs, stopping = self._gather(first)
+            jobs, stopping = self.rounds.take()
             try:
-                self.score(jobs)
+                if jobs:
+                    self.score(jobs)
             except Exception as error:  # noqa: BLE001 -- the worker must outlive any one round, or every caller waits forever
                 for job in jobs:
                     answer(job, exception=ScoringFailed(f"scoring failed: {type(error).__name__}: {error}"))
@@ -297,8 +348,10 @@ def create_app(scorer: Scorer, tokens: Tokens):
 
     async def answer(request: Request, parse, shape) -> JSONResponse:
         try:
-            scoring = await run_in_threadpool(parse, await read(request), tokens)
-            rewards = await asyncio.wrap_future(scorer.submit(scoring.groups))
+            with scorer.rounds.arriving():
+                scoring = await run_in_threadpool(parse, await read(request), tokens)
+                future = scorer.rounds.submit(scoring.groups)
+            rewards = await asyncio.wrap_future(future)
         except BadRequest as exc:
             return error(400, str(exc))
         except Overloaded as exc:
@@ -321,7 +374,7 @@ def create_app(scorer: Scorer, tokens: Tokens):
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await run_in_threadpool(scorer.stop)  # what was accepted is answered before the process ends
+        await run_in_threadpool(scorer.stop)  # after the requests in flight are answered: the worker may end
 
     app = FastAPI(title="rmtrain serve", lifespan=lifespan)
 
@@ -349,16 +402,11 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); pick another port") from None
 
 
-def _graceful_server():
-    import contextlib
-    import signal
-
+def _announcing_server():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process would end 128 + signal; here a
-        signal only starts the graceful shutdown (what is in flight is answered) and the process exits 0, as a
-        scheduler expects. `announce` is printed once the socket listens, so a launcher waiting for it can connect."""
+        """`announce` is printed once the socket listens, so a launcher waiting for it can connect."""
 
         announce = ""
 
@@ -367,28 +415,20 @@ def _graceful_server():
             if self.started and self.announce:
                 print(self.announce, flush=True)
 
-        @contextlib.contextmanager
-        def capture_signals(self):
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
     return Server
 
 
 def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | str | None, max_wait_ms: float,
           batch_size: int, max_length: int | None, share_prefix: bool, log) -> None:
     """Load the model, then serve until SIGINT/SIGTERM (which finish what is in flight)."""
+    import signal
     from pathlib import Path
 
     import uvicorn
 
     from rmtrain.budget import inference_tokens_per_forward
 
-    GracefulServer = _graceful_server()
+    Server = _announcing_server()
     from rmtrain.engine import inference_accelerator
     from rmtrain.saved import folder_kind, load_saved
 
@@ -408,9 +448,25 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
         f"requests gathered for up to {max_wait_ms:g} ms, max_length {tokens.max_length}"
     )
     app = create_app(scorer, tokens)
-    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
     connections = getattr(getattr(server, "server_state", None), "connections", None)  # uvicorn's set of open connections
     if isinstance(connections, set):
-        scorer.open_connections = connections.__len__
+        scorer.rounds.open_connections = connections.__len__
     server.announce = f"listening on http://{host}:{port}"
-    server.run()
+
+    def run_http() -> None:
+        try:
+            server.run()  # uvicorn handles no signals off the main thread
+        finally:
+            scorer.stop()  # also when the server could not start
+
+    # SIGINT/SIGTERM start uvicorn's graceful shutdown (what is in flight is answered), and the process exits 0, as a
+    # scheduler expects, rather than uvicorn's re-raised 128 + signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http = threading.Thread(target=run_http, name="rmtrain-http")
+    http.start()
+    scorer.run()
+    http.join()
+    if not server.started:
+        raise UserError(f"--host {host} --port {port}: the server did not start (see the message above)")

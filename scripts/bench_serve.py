@@ -118,7 +118,8 @@ def in_process(folder: Path, groups: list[dict]) -> dict:
 
 
 def server_scorer(folder: Path):
-    """The server's worker and tokenizing, with the server's defaults, in this process."""
+    """The server's worker and tokenizing, with the server's defaults, in this process (the worker to be run on this,
+    the main, thread, as `rmtrain serve` runs it)."""
     import torch
 
     from rmtrain.budget import inference_tokens_per_forward
@@ -191,11 +192,21 @@ def without_http(folder: Path, groups: list[dict], clients: int, requests: int) 
     from rmtrain.serve import parse_score
 
     scorer, tokens = server_scorer(folder)
-    scorer.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
-    before = scorer.stats["computed_tokens"]
-    result = run_clients(groups, clients, requests, lambda group: scorer.submit(parse_score(group, tokens).groups).result()[0])
-    scorer.stop()
-    return {**result, "computed_tokens": scorer.stats["computed_tokens"] - before}
+    result: dict = {}
+
+    def clients_then_stop() -> None:
+        try:
+            scorer.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
+            result["before"] = scorer.stats["computed_tokens"]
+            result.update(run_clients(groups, clients, requests, lambda group: scorer.submit(parse_score(group, tokens).groups).result()[0]))
+        finally:
+            scorer.stop()
+
+    thread = threading.Thread(target=clients_then_stop)
+    thread.start()
+    scorer.run()  # on the main thread, as the server runs it
+    thread.join()
+    return {**result, "computed_tokens": scorer.stats["computed_tokens"] - result.pop("before")}
 
 
 def free_port() -> int:

@@ -211,7 +211,7 @@ def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_
     prompt = hh_groups(shared_data, 1, 1)[0]["prompt"][-300:]
     long_group = {"prompt": prompt, "completions": [" Yes, " * 20, " No, " * 20, " I can not say."]}
     short_group = {"prompt": "Human: hi\n\nAssistant:", "completions": [" Hello.", " Go away.", " Hi there."]}
-    scorer = Scorer(rm, torch.device("cpu"), True, 160, 64, max_wait_s=0.5)
+    scorer = Scorer(rm, torch.device("cpu"), True, 160, 64, max_wait_s=0.5).start()
     # The round's batches: the long request's chunks, longest first; its last chunk shares a batch with the short one.
     groups = [tokens.group(g["prompt"], g["completions"], "")[0] for g in (long_group, short_group)]
     keys = [batch["key"].tolist() for batch in inference_loader(groups, scorer.layout, rm.fmt.pad_token_id, scorer.mask_format, 64, 160)[0]]
@@ -291,45 +291,77 @@ def test_a_request_is_answered_as_soon_as_its_own_batches_are_scored(tiny_qwen3)
 
 def test_a_round_takes_the_requests_already_queued_even_with_no_wait():
     """`--max-wait-ms 0` means "do not wait for more", not "one request per batch": what is queued when a round
-    starts joins it; the stop sentinel ends the gathering and is reported."""
-    import queue
+    starts joins it; the stop ends the gathering and is reported."""
+    from rmtrain.serve import Job, Rounds
 
-    from rmtrain.serve import Job, Scorer
-
-    scorer = Scorer.__new__(Scorer)  # the gathering alone, without a model or a worker thread
-    scorer.jobs, scorer.max_wait_s, scorer.open_connections = queue.Queue(), 0.0, None
-    first, *queued = [Job([]) for _ in range(4)]
-    for job in queued:
-        scorer.jobs.put(job)
-    assert scorer._gather(first) == ([first, *queued], False)
-    assert scorer._gather(first) == ([first], False)
-    scorer.jobs.put(queued[0])
-    scorer.jobs.put(None)
-    assert scorer._gather(first) == ([first, queued[0]], True)
+    rounds = Rounds(max_wait_s=0.0)
+    jobs = [Job([]) for _ in range(4)]
+    for job in jobs:
+        rounds.jobs.put(job)
+    assert rounds.take() == (jobs, False)
+    rounds.jobs.put(jobs[0])
+    assert rounds.take() == ([jobs[0]], False)
+    rounds.jobs.put(jobs[0])
+    rounds.jobs.put(jobs[1])
+    rounds.stop()
+    assert rounds.take() == ([jobs[0], jobs[1]], True)
+    rounds.stop()
+    assert rounds.take() == ([], True)
 
 
 def test_a_round_stops_gathering_once_every_open_connection_has_sent_a_request():
     """A connection has one request at a time: once the round holds a job per open connection nothing more can
     come, and the round starts without waiting out `--max-wait-ms`; while a connection is still to send, the window
     holds."""
-    import queue
+    from rmtrain.serve import Job, Rounds
 
-    from rmtrain.serve import Job, Scorer
-
-    scorer = Scorer.__new__(Scorer)  # the gathering alone, without a model or a worker thread
-    scorer.jobs, scorer.max_wait_s = queue.Queue(), 60.0
-    first, *others = [Job([]) for _ in range(3)]
-    scorer.open_connections = lambda: 3
-    threading.Timer(0.2, scorer.jobs.put, args=(others[1],)).start()  # the last connection sends a little later
-    scorer.jobs.put(others[0])
+    rounds = Rounds(max_wait_s=60.0, open_connections=lambda: 3)
+    jobs = [Job([]) for _ in range(3)]
+    rounds.jobs.put(jobs[0])
+    rounds.jobs.put(jobs[1])
+    threading.Timer(0.2, rounds.jobs.put, args=(jobs[2],)).start()  # the last connection sends a little later
     start = time.monotonic()
-    assert scorer._gather(first) == ([first, *others], False)
+    assert rounds.take() == (jobs, False)
     assert time.monotonic() - start < 20
-    scorer.open_connections, scorer.max_wait_s = (lambda: 5), 0.3
-    scorer.jobs.put(others[0])
+    rounds = Rounds(max_wait_s=0.3, open_connections=lambda: 5)
+    jobs = [Job([]) for _ in range(2)]
+    for job in jobs:
+        rounds.jobs.put(job)
     start = time.monotonic()
-    assert scorer._gather(first) == ([first, others[0]], False)
-    assert time.monotonic() - start >= 0.3
+    assert rounds.take() == (jobs, False)
+    assert time.monotonic() - start >= 0.25
+
+
+def test_a_round_waits_for_the_requests_that_arrived_in_its_window_while_they_are_parsed():
+    """A request that reaches the server within the window joins the round even when its parsing ends after the
+    window (up to as long again); one that arrives after the window, or whose parsing fails, does not hold it.
+    The window starts when the worker takes the round's first job (here: at once, it is queued)."""
+    from rmtrain.serve import Job, Rounds
+
+    def request(rounds: Rounds, parsing: float, submitted: list, fails: bool = False) -> None:
+        with rounds.arriving():
+            time.sleep(parsing)
+            if not fails:
+                submitted.append(rounds.submit([]))
+
+    rounds, submitted = Rounds(max_wait_s=0.5), []
+    rounds.jobs.put(first := Job([]))
+    threading.Timer(0.1, request, args=(rounds, 0.6, submitted)).start()  # arrives at 0.1 s, parsed at 0.7 s
+    jobs, stopping = rounds.take()
+    assert [job.future for job in jobs] == [first.future, *submitted] and len(submitted) == 1 and not stopping
+
+    # Arrives after the 0.3 s window: the round starts at 0.3 s. Arrives in it, its parsing fails at 0.4 s: the round
+    # waits for it until then, not to 0.6 s.
+    for arrives, fails, took in ((0.5, False, (0.25, 0.45)), (0.1, True, (0.35, 0.55))):
+        rounds, submitted = Rounds(max_wait_s=0.3), []
+        rounds.jobs.put(first := Job([]))
+        threading.Timer(arrives, request, args=(rounds, 0.3, submitted, fails)).start()
+        start = time.monotonic()
+        assert rounds.take() == ([first], False)
+        assert took[0] <= time.monotonic() - start < took[1]
+        if not fails:
+            time.sleep(0.5)
+            assert [job.future for job in rounds.take()[0]] == submitted  # the next round's
 
 
 def test_the_server_does_not_wait_out_its_window_once_every_connection_is_in(tiny_qwen3, tmp_path, shared_data):
