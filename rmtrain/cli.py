@@ -163,7 +163,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a request may wait for others to share its batch."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a round waits for more requests to share its batches (it starts early once every open connection has sent one)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Sequences per batch at most."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer inputs keep their last tokens; defaults to the trained length."),
     share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="Decoders: a group's prompt computed once."),

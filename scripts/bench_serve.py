@@ -16,7 +16,8 @@ Compared, on the same groups and model folder (fp32):
       of one prompt's G generations. The texts get the EOS training appended, so both read the same tokens.
   (b) `rmtrain serve --no-share-prefix`: the same server, every completion its own padded sequence;
   (c) `rmtrain serve` (defaults): a group is one row, its prompt computed once (segment attention);
-  (d) (c) without HTTP: the same clients as threads calling the server's parsing and `Scorer` in this process.
+  (d) (c) without HTTP: the same clients as threads calling the server's parsing and `Scorer` in this process
+      (its worker on the main thread, as the server runs it).
 With `--alternating`, also (a)'s scoring and the server's tokenizing and worker one group each in turn in this
 process (the machine's drift falls on both alike): the ratio of their times.
 Measured: completions/s over the whole workload, latency per request (p50, p99), tokens computed (the server's
