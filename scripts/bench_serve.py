@@ -198,8 +198,11 @@ def without_http(folder: Path, groups: list[dict], clients: int, requests: int) 
     def clients_then_stop() -> None:
         try:
             scorer.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
-            result["before"] = scorer.stats["computed_tokens"]
+            before = scorer.stats["computed_tokens"]
             result.update(run_clients(groups, clients, requests, lambda group: scorer.submit(parse_score(group, tokens).groups).result()[0]))
+            result["computed_tokens"] = scorer.stats["computed_tokens"] - before
+        except BaseException as error:  # noqa: BLE001 -- raised again on the main thread
+            result["error"] = error
         finally:
             scorer.stop()
 
@@ -207,7 +210,9 @@ def without_http(folder: Path, groups: list[dict], clients: int, requests: int) 
     thread.start()
     scorer.run()  # on the main thread, as the server runs it
     thread.join()
-    return {**result, "computed_tokens": scorer.stats["computed_tokens"] - result.pop("before")}
+    if "error" in result:
+        raise result["error"]
+    return result
 
 
 def free_port() -> int:
