@@ -344,23 +344,23 @@ def test_a_round_waits_for_the_requests_that_arrived_in_its_window_while_they_ar
             if not fails:
                 submitted.append(rounds.submit([]))
 
-    rounds, submitted = Rounds(max_wait_s=0.5), []
+    rounds, submitted = Rounds(max_wait_s=1.0), []
     rounds.jobs.put(first := Job([]))
-    threading.Timer(0.1, request, args=(rounds, 0.6, submitted)).start()  # arrives at 0.1 s, parsed at 0.7 s
+    threading.Timer(0.2, request, args=(rounds, 1.2, submitted)).start()  # arrives at 0.2 s, parsed at 1.4 s
     jobs, stopping = rounds.take()
     assert [job.future for job in jobs] == [first.future, *submitted] and len(submitted) == 1 and not stopping
 
-    # Arrives after the 0.3 s window: the round starts at 0.3 s. Arrives in it, its parsing fails at 0.4 s: the round
-    # waits for it until then, not to 0.6 s.
-    for arrives, fails, took in ((0.5, False, (0.25, 0.45)), (0.1, True, (0.35, 0.55))):
-        rounds, submitted = Rounds(max_wait_s=0.3), []
+    # Arrives after the 0.6 s window: the round starts at 0.6 s. Arrives in it, its parsing fails at 0.8 s: the round
+    # waits for it until then, not to 1.2 s.
+    for arrives, parsing, fails, took in ((1.0, 0.3, False, (0.5, 0.9)), (0.2, 0.6, True, (0.7, 1.1))):
+        rounds, submitted = Rounds(max_wait_s=0.6), []
         rounds.jobs.put(first := Job([]))
-        threading.Timer(arrives, request, args=(rounds, 0.3, submitted, fails)).start()
+        threading.Timer(arrives, request, args=(rounds, parsing, submitted, fails)).start()
         start = time.monotonic()
         assert rounds.take() == ([first], False)
         assert took[0] <= time.monotonic() - start < took[1]
         if not fails:
-            time.sleep(0.5)
+            time.sleep(1.0)
             assert [job.future for job in rounds.take()[0]] == submitted  # the next round's
 
 
