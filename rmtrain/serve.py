@@ -246,9 +246,6 @@ class Scorer:
         self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0}
         self.thread: threading.Thread | None = None
 
-    def submit(self, groups: list[Group]) -> Future:
-        return self.rounds.submit(groups)
-
     def start(self) -> "Scorer":
         """Run the worker on a thread of its own (in process: tests, benchmarks); `serve` runs it on the main thread."""
         self.thread = threading.Thread(target=self.run, name="rmtrain-scorer", daemon=True)

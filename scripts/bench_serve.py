@@ -197,9 +197,9 @@ def without_http(folder: Path, groups: list[dict], clients: int, requests: int) 
 
     def clients_then_stop() -> None:
         try:
-            scorer.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
+            scorer.rounds.submit(parse_score(groups[0], tokens).groups).result()  # warm-up
             before = scorer.stats["computed_tokens"]
-            result.update(run_clients(groups, clients, requests, lambda group: scorer.submit(parse_score(group, tokens).groups).result()[0]))
+            result.update(run_clients(groups, clients, requests, lambda group: scorer.rounds.submit(parse_score(group, tokens).groups).result()[0]))
             result["computed_tokens"] = scorer.stats["computed_tokens"] - before
         except BaseException as error:  # noqa: BLE001 -- raised again on the main thread
             result["error"] = error
