@@ -24,6 +24,7 @@ way inference batches are built (`inference_loader`): longest first, bounded in 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from functools import partial
 from typing import Any, Iterator
 
@@ -130,8 +131,15 @@ def collate_plain(groups: list[Group], pad_token_id: int) -> dict[str, torch.Ten
     return batch | targets(groups)
 
 
-def collate_packed(groups: list[Group], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """All sequences in a single row with restarting position ids (no padding at all)."""
+def collate_packed(groups: list[Group], pad_token_id: int, mask_format: str = "bool") -> dict[str, torch.Tensor]:
+    """All sequences in a single row with restarting position ids (no padding at all).
+
+    Flash attention reads the sequences from the position ids (varlen kernels). SDPA would get a dense
+    [tokens x tokens] mask for the row from transformers (4 GiB at 65,536 tokens): with `mask_format` "segments"
+    each sequence is attended on its own by segment attention instead (a shared-prefix row with no prefix).
+    """
+    if mask_format == "segments":
+        return _collate_segments([replace(g, prefix=[], completions=[g.sequence(i) for i in range(len(g.completions))]) for g in groups])
     ids: list[int] = []
     positions: list[int] = []
     ends = []
@@ -156,7 +164,9 @@ def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: s
     mask_format: "segments" (rmtrain.attention: each sequence attended on its own, no mask; used for batches
     with a row of three or more completions, which then all go into one row without padding, since nothing
     attends across them; other batches get the SDPA mask), "bool" (a 4D mask, True = may attend; SDPA) or
-    "float" (0 / dtype-min additive; eager attention).
+    "float" (0 / dtype-min additive; eager attention). The mask is carried as `segment_ids` (0 the prefix, k the
+    k-th completion, -1 padding) and built on the model's device (`attention.prefix_mask`): a row of width W
+    sends W numbers, not W x W.
     """
     if mask_format == "segments" and all(len(g.completions) <= 2 for g in groups):
         mask_format = "bool"  # pairs: the mask costs about what segments cost, without the gathering
@@ -166,8 +176,7 @@ def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: s
     size = len(groups)
     input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((size, width), dtype=torch.long)
-    allowed = torch.zeros((size, 1, width, width), dtype=torch.bool)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    segment_ids = torch.full((size, width), -1, dtype=torch.long)  # the 4D mask is built from these on the device
     ends = []
     real = 0
     for row, g in enumerate(groups):
@@ -175,27 +184,22 @@ def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: s
         total = n + sum(len(c) for c in g.completions)
         input_ids[row, :total] = torch.tensor(g.prefix + [t for c in g.completions for t in c], dtype=torch.long)
         position_ids[row, :total] = torch.tensor(_positions(g), dtype=torch.long)
-        block = causal[:total, :total].clone()
+        segment_ids[row, :n] = 0
         start = n
-        for c in g.completions:
+        for number, c in enumerate(g.completions, start=1):
             end = start + len(c)
-            block[start:end, n:start] = False  # blind to the completions before it (causality hides the later ones)
+            segment_ids[row, start:end] = number
             ends.append(row * width + end - 1)
             real += n + len(c)
             start = end
-        allowed[row, 0, :total, :total] = block
-        # Padding rows attend to themselves only, so no softmax runs over an empty row.
-        allowed[row, 0, range(total, width), range(total, width)] = True
     batch = {
         "input_ids": input_ids,
         "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "mask_kind": mask_format,
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(real),
     }
-    if mask_format == "float":
-        batch["attention_mask"] = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    else:
-        batch["attention_mask"] = allowed
     return batch | targets(groups)
 
 
@@ -232,7 +236,9 @@ def collate_for(layout: str, pad_token_id: int, mask_format: str):
     """The collate function of a layout."""
     if layout == "shared_prefix":
         return partial(collate_shared_prefix, pad_token_id=pad_token_id, mask_format=mask_format)
-    return partial(collate_packed if layout == "packed" else collate_plain, pad_token_id=pad_token_id)
+    if layout == "packed":
+        return partial(collate_packed, pad_token_id=pad_token_id, mask_format=mask_format)
+    return partial(collate_plain, pad_token_id=pad_token_id)
 
 
 def choose_layout(rm, share_prefix: bool, padding_free: bool, prefix_attention: str = "segments") -> tuple[str, str, str | None]:
@@ -248,12 +254,18 @@ def choose_layout(rm, share_prefix: bool, padding_free: bool, prefix_attention: 
         note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
         return "plain", "bool", note
     attention.disable(rm)  # a model this process switched before starts from its own attention again
+    attn = getattr(attention.transformers_model(rm.model).config, "_attn_implementation", None) or "eager"
     if not share_prefix:
-        return ("packed" if padding_free else "plain"), "bool", None
+        if not padding_free:
+            return "plain", "bool", None
+        if attn.startswith("flash"):
+            return "packed", "bool", None
+        if attention.enable(rm):
+            return "packed", "segments", None
+        return "plain", "bool", (f"padding_free: attention '{attn}' would get a dense [tokens x tokens] mask for each packed row; "
+                                 "using padded batches (flash_attention_2 or sdpa attention packs)")
     if prefix_attention == "segments" and attention.enable(rm):
         return "shared_prefix", "segments", None
-    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
-    attn = getattr(base.config, "_attn_implementation", "eager")
     if attn in ("sdpa", "eager"):
         note = "shared prefix: segment attention did not give the 4D mask's rewards on this model, using the mask" if prefix_attention == "segments" else None
         return "shared_prefix", "bool" if attn == "sdpa" else "float", note

@@ -169,6 +169,8 @@ class TrainConfig:
     """Trackers (Accelerate's) that get the recipe and the train/eval metrics; each is an extra: rmtrain[wandb]."""
     run_name: str | None = None
     """The run's name in the trackers; defaults to the output folder's name."""
+    ddp_timeout: int = 1800
+    """Seconds a process waits in a collective for the others (several processes), as transformers' Trainer."""
 
 
 @dataclass
@@ -401,6 +403,7 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
     check(t.keep_best is None or d.eval is not None or d.eval_fraction is not None,
           "train.keep_best: set, but there is no eval set to pick the best by (add data.eval or data.eval_fraction)")
     check(len(set(t.report_to)) == len(t.report_to), f"train.report_to: a tracker is named twice: {t.report_to}")
+    check(t.ddp_timeout >= 1, f"train.ddp_timeout: must be >= 1 (seconds), got {t.ddp_timeout}")
 
 
 # --------------------------------------------------------------------------------------------------

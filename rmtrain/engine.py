@@ -17,11 +17,16 @@ from rmtrain.log import RunLog
 
 def make_accelerator(t: TrainConfig, out: Path):
     """(accelerator, bf16) for a training run; its trackers (`train.report_to`) write under `out/trackers`."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     bf16 = choose_bf16(t.bf16)
     accelerator = Accelerator(
+        # How long a process waits in a collective for the others (a checkpoint or best model written by rank 0; torch's
+        # default is 10 minutes for NCCL): transformers' Trainer default, `ddp_timeout`.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))],
         log_with=list(t.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
         # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
@@ -99,6 +104,12 @@ def is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def is_deepspeed(accelerator) -> bool:

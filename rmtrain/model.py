@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtrain.attention import KEYWORD, attention_is_segmented, last_layer_at
+from rmtrain.attention import KEYWORD, attention_is_segmented, last_layer_at, prefix_mask
 from rmtrain.config import LoraConfig, ModelConfig
 from rmtrain.errors import ModelError, first_line
 from rmtrain.loss import last_token_index
@@ -27,6 +27,11 @@ class RewardModel:
     head: nn.Module
     """The module producing per-token scores (decoders) or the pooled logit (encoders)."""
     head_name: str
+    weights_dtype: torch.dtype = torch.float32
+    """The dtype the weights were loaded in, and the one saved folders are written in."""
+    autocast_dtype: torch.dtype | None = None
+    """Inference of a folder stored in bf16/fp16: the forward runs under autocast in that dtype (fit's eval computed
+    so); None: no autocast of its own (training: the Accelerator's mixed precision decides)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,6 +100,12 @@ def load_reward_model(
 
     model = AutoModelForSequenceClassification.from_pretrained(mc.name_or_path, num_labels=1, **kwargs)
     clear_gguf_quantization(model)
+    weights_dtype = model.dtype
+    if lora is None and weights_dtype != torch.float32:
+        # fp32 master weights: AdamW adding lr-sized updates to bf16 weights rounds most of them away (bf16 keeps
+        # 8 bits of mantissa; at lr 1e-5 an update is ~1e-5 of the weight). Autocast (train.bf16) still computes in
+        # bf16; the saved folder is written in the loaded dtype. LoRA trains fp32 adapters over the frozen base.
+        model.float()
     model.config.pad_token_id = tokenizer.pad_token_id
     if mc.eos_token:
         model.config.eos_token_id = tokenizer.eos_token_id
@@ -120,13 +131,15 @@ def load_reward_model(
     )
     head = head_module(model, head_name)
     run_in_fp32(head)
-    return RewardModel(model, tokenizer, fmt, head, head_name)
+    return RewardModel(model, tokenizer, fmt, head, head_name, weights_dtype)
 
 
 def run_in_fp32(head: nn.Module) -> None:
-    """The score head computes in fp32 even under bf16 autocast (as OpenRLHF's compute_fp32_loss and NeMo's
-    force_head_dtype): its input is upcast and autocast is off inside it, so reward differences smaller than
-    bf16's resolution (about 1% of the reward) are not rounded away. In fp32 training this changes nothing."""
+    """The score head holds fp32 weights and computes in fp32 even under bf16 autocast or over bf16 weights (as
+    OpenRLHF's compute_fp32_loss and NeMo's force_head_dtype): its input is upcast and autocast is off inside it,
+    so reward differences smaller than bf16's resolution (about 1% of the reward) are not rounded away. In fp32
+    this changes nothing."""
+    head.float()
     head.forward = types.MethodType(_fp32_forward, head)  # bound: a deepcopy of the model binds its own head
 
 
@@ -261,14 +274,11 @@ def sequence_rewards(
 
 def batch_rewards(model: nn.Module, rm: "RewardModel", batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards in float32 of every sequence of a batch built by rmtrain.batching, group by group."""
-    rewards = sequence_rewards(
-        model,
-        rm.head,
-        rm.fmt.is_encoder,
-        batch["input_ids"],
-        batch.get("attention_mask"),
-        batch.get("position_ids"),
-        batch.get("reward_index"),
-        batch.get("segments"),
-    )
+    device = batch["input_ids"].device.type
+    mask = prefix_mask(batch["segment_ids"], batch["mask_kind"]) if "segment_ids" in batch else batch.get("attention_mask")
+    with torch.autocast(device, rm.autocast_dtype) if rm.autocast_dtype else contextlib.nullcontext():
+        rewards = sequence_rewards(
+            model, rm.head, rm.fmt.is_encoder, batch["input_ids"], mask, batch.get("position_ids"),
+            batch.get("reward_index"), batch.get("segments"),
+        )
     return rewards.float()

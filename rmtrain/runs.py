@@ -22,7 +22,7 @@ from rmtrain.embedding import plain_state_dict, restore_full_embedding
 from rmtrain.engine import is_sharded
 from rmtrain.errors import ResourceError, RunDirError, first_line
 from rmtrain.log import RunLog, truncate_metrics_file
-from rmtrain.saved import load_saved, merged_copy, save_model_folder
+from rmtrain.saved import merged_from_disk, save_model_folder
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -189,7 +189,7 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp)
+        save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp, dtype=rm.weights_dtype)
         shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
     except Exception as error:
         raise_if_write_failed(error, "the final model", tmp, out)
@@ -200,10 +200,10 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     if recipe.lora is not None and recipe.lora.merge:
         merged_tmp = out / ".merged.tmp"
         shutil.rmtree(merged_tmp, ignore_errors=True)
-        # Sharded parameters cannot be merged in place: merge the adapter just written, from disk.
+        # The adapter just written, merged in fp32 on the CPU (sharded parameters cannot be merged in place), written
+        # in the base's dtype.
         try:
-            merged = load_saved(out)[0].model.merge_and_unload() if sharded else merged_copy(unwrapped)
-            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp)
+            save_model_folder(merged_from_disk(out), None, rm.tokenizer, rm.fmt, max_length, merged_tmp, dtype=rm.weights_dtype)
         except Exception as error:
             raise_if_write_failed(error, "the merged model", merged_tmp, out)
             raise
@@ -245,7 +245,7 @@ def save_best(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
         tmp, best = out / ".best.tmp", out / "best"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, recipe.data.max_length, tmp)
+            save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, recipe.data.max_length, tmp, dtype=rm.weights_dtype)
             # As in the final folder: an adapter is loaded over the base the recipe names (a gguf file, a revision).
             shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
         except Exception as error:

@@ -7,7 +7,6 @@ transformers loads a full folder as it is; rmtrain loads both.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from rmtrain.errors import ModelError, first_line
-from rmtrain.model import RewardModel, clear_gguf_quantization, find_head_name, head_module, is_encoder_config
+from rmtrain.model import RewardModel, clear_gguf_quantization, find_head_name, head_module, is_encoder_config, run_in_fp32
 from rmtrain.tokenizer import TokenFormat, read_format, save_format
 
 
@@ -38,12 +37,25 @@ def folder_kind(path: Path, what: str = "model folder") -> str:
 
 
 def save_model_folder(
-    model: nn.Module, state_dict: dict | None, tokenizer, fmt: TokenFormat, max_length: int, directory: str | Path, **extra
+    model: nn.Module, state_dict: dict | None, tokenizer, fmt: TokenFormat, max_length: int, directory: str | Path,
+    dtype: torch.dtype | None = None, **extra
 ) -> None:
-    """Write the model (or adapter + head), tokenizer and text format into `directory`."""
+    """Write the model (or adapter + head), tokenizer and text format into `directory`.
+
+    `dtype`: a full model's weights are written in it (training keeps fp32 master weights of a model loaded in
+    bf16; its folder is bf16, as loaded). An adapter is written as it is: the base stays the one it was loaded over.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    cast = dtype is not None and not hasattr(model, "peft_config") and dtype != model.dtype
+    if cast:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+    if cast:  # save_pretrained writes the dtype of the model's parameters; the files hold `dtype`
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(directory))
     save_format(directory, fmt, max_length, **extra)
 
@@ -82,7 +94,11 @@ def load_saved(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Rewa
     )
     model.eval()
     head_name = find_head_name(model.get_base_model() if hasattr(model, "get_base_model") else model, is_encoder)
-    return RewardModel(model, tokenizer, fmt, head_module(model, head_name), head_name), saved_format.get("max_length")
+    head = head_module(model, head_name)
+    weights_dtype = (model.get_base_model() if hasattr(model, "get_base_model") else model).dtype
+    run_in_fp32(head)  # as in training: the rewards of a bf16 folder are read by an fp32 head
+    autocast = weights_dtype if weights_dtype in (torch.bfloat16, torch.float16) else None
+    return RewardModel(model, tokenizer, fmt, head, head_name, weights_dtype, autocast), saved_format.get("max_length")
 
 
 def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
@@ -109,6 +125,7 @@ def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
     return peft.PeftModel.from_pretrained(base, str(path))
 
 
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain transformers model with LoRA weights folded in (the input is left untouched)."""
-    return copy.deepcopy(model).merge_and_unload()
+def merged_from_disk(folder: Path) -> nn.Module:
+    """The adapter in `folder` merged into its base in fp32 (one rounding when written in the base's dtype, not a
+    bf16 sum of a bf16-rounded update), loaded on the CPU: the training model, sharded or not, is left as it is."""
+    return load_saved(folder, dtype=torch.float32)[0].model.merge_and_unload()

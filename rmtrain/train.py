@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from rmtrain.batching import PAIR_KEY, LengthGroupedBatchSampler, choose_layout, collate_for, token_counts, training_loader
-from rmtrain.budget import auto_tokens_per_forward, inference_tokens_per_forward
+from rmtrain.budget import auto_tokens_per_forward, held_bytes, inference_tokens_per_forward
 from rmtrain.config import Recipe, TrainConfig, dump_recipe
 from rmtrain.data import Group, load_groups, read_splits, source_labels, token_ids
 from rmtrain.embedding import seen_rows_count, train_seen_rows_only
-from rmtrain.engine import check_engine, check_trackers, is_deepspeed, is_sharded, make_accelerator, start_trackers, sum_over_processes
+from rmtrain.engine import check_engine, check_trackers, is_deepspeed, is_fsdp, is_sharded, make_accelerator, start_trackers, sum_over_processes
 from rmtrain.errors import NonFiniteLossError, ResourceError
 from rmtrain.faults import StopRequest, interrupted_message, is_out_of_memory, nonfinite_message, out_of_memory_message
 from rmtrain.log import RunLog, Throughput
@@ -58,6 +58,9 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     set_seed(t.seed)
     splits = read_splits(recipe.data)  # a bad data file fails before the model loads
     rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing)
+    if rm.weights_dtype != torch.float32 and recipe.lora is None:
+        dtype = str(rm.weights_dtype).removeprefix("torch.")
+        log.info(f"weights: loaded in {dtype}, trained as float32 master weights ({'bf16' if bf16 else 'fp32'} compute), saved in {dtype}")
     train_groups, eval_groups, preflight = load_groups(recipe.data, rm.tokenizer, rm.fmt, t.seed, splits)
     for stats in preflight:
         log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
@@ -185,7 +188,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         write_run_info(out, info)
         plot_runs([out], out / "curves.png")
         log.info(f"saved {'adapter' if recipe.lora else 'model'} to {out}")
-    accelerator.wait_for_everyone()
+    # No barrier: the other processes end while the main one writes (and merges) the final folder.
     accelerator.end_training()
     return info
 
@@ -211,7 +214,9 @@ def plan_batches(accelerator, rm: RewardModel, t: TrainConfig, bf16: bool, group
         log.info(note)
     budget, budget_note = t.max_tokens_per_forward, ""
     if budget == "auto":
-        budget, budget_note = auto_tokens_per_forward(rm.model.config, bf16, t.gradient_checkpointing, accelerator.device)
+        shards = accelerator.num_processes if is_fsdp(accelerator) else 1
+        held = held_bytes(rm.model, shards)
+        budget, budget_note = auto_tokens_per_forward(rm.model.config, bf16, t.gradient_checkpointing, accelerator.device, held)
     if budget and is_deepspeed(accelerator):
         # DeepSpeed steps the optimizer inside backward(): one backward per batch.
         log.info("DeepSpeed: train.max_tokens_per_forward does not apply, each batch runs in one pass")

@@ -4,6 +4,7 @@ on real models and real data; the length-grouped sampler keeps every pair once p
 import pytest
 import torch
 
+from rmtrain.attention import prefix_mask
 from rmtrain.batching import (
     LengthGroupedBatchSampler,
     choose_layout,
@@ -50,6 +51,10 @@ def shared_eager(pairs, pad):
     return collate_shared_prefix(pairs, pad, mask_format="float")
 
 
+def packed_segments(groups, pad):
+    return collate_packed(groups, pad, mask_format="segments")
+
+
 def shared_segments(groups, pad):
     return collate_shared_prefix(groups, pad, mask_format="segments")
 
@@ -68,6 +73,9 @@ def test_tiny_qwen3_layouts_match_plain(tiny_qwen3, shared_data, lora):
     # HH pairs share the whole conversation up to the last answer: the prefix is long.
     assert sum(group_cost(p, "shared_prefix") for p in pairs) < 0.75 * sum(group_cost(p, "packed") for p in pairs)
     assert_same(rm, pairs, [collate_shared_prefix, collate_packed])
+    # padding_free under sdpa: each packed sequence attended on its own (no dense [tokens x tokens] mask).
+    assert choose_layout(rm, share_prefix=False, padding_free=True)[:2] == ("packed", "segments")
+    assert_same(rm, pairs, [packed_segments])
 
 
 @pytest.mark.shared_data
@@ -104,7 +112,7 @@ def test_shared_prefix_when_one_side_is_a_prefix_of_the_other():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 4]]
     assert batch["reward_index"].tolist() == [2, 5]
-    mask = batch["attention_mask"][0, 0]
+    mask = prefix_mask(batch["segment_ids"], "bool")[0, 0]
     assert not mask[3, 2] and mask[3, 1] and mask[5, 3]
 
 
@@ -117,7 +125,7 @@ def test_shared_prefix_of_three_completions_each_blind_to_the_others():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 2]]
     assert batch["reward_index"].tolist() == [2, 4, 5]
     assert batch["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2]]
-    mask = batch["attention_mask"][0, 0].int().tolist()
+    mask = prefix_mask(batch["segment_ids"], "bool")[0, 0].int().tolist()
     assert mask == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],

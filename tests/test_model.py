@@ -115,6 +115,21 @@ def test_auto_tokens_per_forward_from_the_real_minilm_config(minilm):
     assert tokens == 8192 and "no hidden_size/num_hidden_layers" in note
 
 
+def test_accelerator_budget_leaves_out_what_the_training_state_holds():
+    from rmtrain.budget import accelerator_activation_budget, held_bytes
+
+    gib = 2**30
+    # 80 GiB, a full fine-tune of 0.6B parameters: 16 bytes each (fp32 weight, gradient, two AdamW moments) = 8.9 GiB;
+    # a quarter of the 71.1 GiB left.
+    assert accelerator_activation_budget(80 * gib, 600_000_000 * 16) == (80 * gib - 600_000_000 * 16) // 4
+    # A training state larger than the device (it would not fit anyway): small passes, not a refusal.
+    assert accelerator_activation_budget(80 * gib, 200 * gib) == 80 * gib // 64
+    # Trainable parameters count 16 bytes, frozen ones their own size, over the shards.
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10).to(torch.bfloat16).requires_grad_(False))
+    assert held_bytes(model) == 110 * 16 + 110 * 2
+    assert held_bytes(model, shards=2) == (110 * 16 + 110 * 2) // 2
+
+
 def test_inference_budget_keeps_a_prompt_and_its_completions_in_one_pass(minilm, smollm2):
     """Inference takes training's estimate without checkpointing, at least 2048 tokens: SmolLM2 in fp32 (30 layers,
     hidden 576, intermediate 1536: 4 * 30 * (8 * 576 + 4 * 1536) = 1,290,240 bytes a token) would get 416 -> 256
