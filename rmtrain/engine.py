@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -20,23 +22,73 @@ def make_accelerator(t: TrainConfig, out: Path):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     bf16 = choose_bf16(t.bf16)
+    # DeepSpeed runs on CPU processes (its CPU accelerator, over gloo), but Accelerate drops it under cpu=True; gloo is
+    # named for it, or Accelerate would count one process.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    cpu = not torch.accelerator.is_available() and not deepspeed
+    launched_on_cpu = not torch.accelerator.is_available() and os.environ.get("LOCAL_RANK") is not None
+    backend = "gloo" if launched_on_cpu else None
     accelerator = Accelerator(
         # How long a process waits in a collective for the others (a checkpoint or best model written by rank 0; torch's
         # default is 10 minutes for NCCL): transformers' Trainer default, `ddp_timeout`.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.ddp_timeout), backend=backend)],
         log_with=list(t.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "trackers")),
         # Without an accelerator, `accelerate launch --multi_gpu` still starts N processes; cpu=True makes
         # them one gloo group (MULTI_CPU) instead of N independent runs writing the same folder.
-        cpu=not torch.accelerator.is_available(),
+        cpu=cpu,
         mixed_precision="bf16" if bf16 else "no",
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # FSDP2 reduce-scatters every batch (and rmtrain every pass): gradients stay sharded. Under no_sync each would
+        # be held unsharded, at the full model's size.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_each_batch=fsdp_requested()),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    enable_fsdp_on_cpu(accelerator)
+    if is_fsdp(accelerator) and bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # FSDP2's mixed precision is its parameter cast (no autocast); gradients are averaged in fp32.
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return accelerator, bf16
+
+
+def fsdp_requested() -> bool:
+    """The launch config asks for FSDP (`accelerate launch` exports its settings as ACCELERATE_USE_FSDP, FSDP_*)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """Honour an FSDP launch config on CPU processes (gloo), where Accelerate drops it silently (it enables FSDP only
+    for accelerator processes): the state is promoted as Accelerate promotes a multi-GPU one, with the plugin the
+    launch config describes, so every FSDP2 path of Accelerate (prepare, no_sync, clipping, state dicts, sharded
+    checkpoints) runs as on GPUs. This is how rmtrain's FSDP2 training is tested without GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # from the launch config's FSDP_* variables, as Accelerator() reads them
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def shard_head_in_fp32(accelerator, rm) -> None:
+    """FSDP2 with bf16 casts every parameter it gathers to bf16; the score head is made an FSDP unit of its own that
+    keeps fp32 (rmtrain.model.run_in_fp32), before `prepare` wraps the rest."""
+    if not (is_fsdp(accelerator) and accelerator.mixed_precision == "bf16"):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    fully_shard(rm.head, mp_policy=policy, reshard_after_forward=accelerator.state.fsdp_plugin.reshard_after_forward)
 
 
 # The package each tracker of train.report_to needs, and the rmtrain extra that installs it.
@@ -112,6 +164,27 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+@contextmanager
+def unpartitioned_loading(accelerator) -> Iterator[None]:
+    """Models loaded inside are whole: while Accelerate keeps a ZeRO-3 config registered, transformers builds every
+    model partitioned over the processes (a collective), which rank 0 alone, merging the final adapter, cannot do."""
+    if not is_zero3(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def is_zero3(accelerator) -> bool:
+    """DeepSpeed ZeRO-3: parameters are partitioned across processes (from the load on, under Accelerate)."""
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
 def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -123,10 +196,30 @@ def check_engine(accelerator, t: TrainConfig, log: RunLog) -> None:
     requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                  if os.environ.get(variable, "").lower() == "true"]
     if requested and not is_sharded(accelerator):
-        # Accelerate enables FSDP and DeepSpeed only on GPUs (and other accelerators), never for CPU processes.
-        log.warn(f"{requested[0]} config ignored: no GPU, so Accelerate runs plain data parallel ({accelerator.distributed_type.value})")
+        log.warn(f"{requested[0]} config ignored: Accelerate runs {accelerator.distributed_type.value} (one process, or --cpu)")
     if is_deepspeed(accelerator):
         fill_deepspeed_auto(accelerator.state.deepspeed_plugin.deepspeed_config, t)
+        check_deepspeed_version(log)
+        # DeepSpeed steps its optimizer inside backward; torch's scheduler, stepped once per step after it, cannot see
+        # that and warns of a step "before optimizer.step()" that is not.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+
+
+DEEPSPEED_SKIPS_NONFINITE = (0, 19, 8)
+"""The first DeepSpeed whose optimizer skips a step with a non-finite gradient norm in fp32 and bf16, ZeRO-1 to 3
+(`bf16.check_grad_overflow`, on by default since 0.19.3; fp32 and ZeRO-3 since 0.19.8); earlier ones apply it."""
+
+
+def check_deepspeed_version(log: RunLog) -> None:
+    from importlib.metadata import version
+
+    found = version("deepspeed")
+    numbers = tuple(int(part) for part in found.split("+")[0].split(".")[:3] if part.isdigit())
+    if numbers < DEEPSPEED_SKIPS_NONFINITE:
+        log.warn(
+            f"DeepSpeed {found}: a step with a non-finite gradient is applied, not skipped (weights become NaN); "
+            f"pip install 'deepspeed>={'.'.join(map(str, DEEPSPEED_SKIPS_NONFINITE))}'"
+        )
 
 
 def fill_deepspeed_auto(config: dict[str, Any], t: TrainConfig) -> None:
@@ -137,8 +230,13 @@ def fill_deepspeed_auto(config: dict[str, Any], t: TrainConfig) -> None:
             config[key] = value
 
 
-def sum_over_processes(accelerator, value: int) -> int:
-    """`value` summed over all processes (no collective with one process)."""
-    if accelerator.num_processes == 1:
-        return value
-    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), "sum")[0])
+def total_over_processes(accelerator, value) -> torch.Tensor:
+    """`value` (a number or a one-element tensor) summed over all processes, as a float tensor on the device: nothing
+    waits for it until it is read."""
+    tensor = torch.as_tensor(value, device=accelerator.device).reshape(1).double()
+    return tensor[0] if accelerator.num_processes == 1 else accelerator.reduce(tensor, "sum")[0]
+
+
+def sum_over_processes(accelerator, value) -> int:
+    """`value` (a number or a one-element tensor) summed over all processes, read as an integer."""
+    return int(total_over_processes(accelerator, value))

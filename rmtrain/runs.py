@@ -19,7 +19,7 @@ from typing import Any
 
 from rmtrain.config import Recipe
 from rmtrain.embedding import plain_state_dict, restore_full_embedding
-from rmtrain.engine import is_sharded
+from rmtrain.engine import is_sharded, unpartitioned_loading
 from rmtrain.errors import ResourceError, RunDirError, first_line
 from rmtrain.log import RunLog, truncate_metrics_file
 from rmtrain.saved import merged_from_disk, save_model_folder
@@ -203,7 +203,9 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
         # The adapter just written, merged in fp32 on the CPU (sharded parameters cannot be merged in place), written
         # in the base's dtype.
         try:
-            save_model_folder(merged_from_disk(out), None, rm.tokenizer, rm.fmt, max_length, merged_tmp, dtype=rm.weights_dtype)
+            with unpartitioned_loading(accelerator):
+                merged = merged_from_disk(out)
+            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp, dtype=rm.weights_dtype)
         except Exception as error:
             raise_if_write_failed(error, "the merged model", merged_tmp, out)
             raise

@@ -32,6 +32,8 @@ def gather_per_item(accelerator, *values: torch.Tensor, key: torch.Tensor) -> tu
         return gathered[keep]
 
     # Keys are gathered as integers (a float would round pair keys), the values in one float tensor.
+    if not values:
+        return (gather(key),)
     return (gather(key), *gather(torch.stack(values, dim=1)).unbind(dim=1))
 
 
@@ -63,7 +65,7 @@ def inference_set(
     return InferenceSet(groups, accelerator.prepare(loader), sequences, source_names)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under ZeRO-3 (fit's eval) its tensors would break the next backward
 def iter_rewards(accelerator, model, rm: RewardModel, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, rewards) of each batch's sequences on the CPU, gathered across processes, each sequence once."""
     was_training = model.training

@@ -16,7 +16,10 @@ from rmtrain.budget import auto_tokens_per_forward, held_bytes, inference_tokens
 from rmtrain.config import Recipe, TrainConfig, dump_recipe
 from rmtrain.data import Group, load_groups, read_splits, source_labels, token_ids
 from rmtrain.embedding import seen_rows_count, train_seen_rows_only
-from rmtrain.engine import check_engine, check_trackers, is_deepspeed, is_fsdp, is_sharded, make_accelerator, start_trackers, sum_over_processes
+from rmtrain.engine import (
+    check_engine, check_trackers, is_deepspeed, is_fsdp, is_sharded, is_zero3, make_accelerator, shard_head_in_fp32, start_trackers,
+    sum_over_processes, total_over_processes,
+)
 from rmtrain.errors import NonFiniteLossError, ResourceError
 from rmtrain.faults import StopRequest, interrupted_message, is_out_of_memory, nonfinite_message, out_of_memory_message
 from rmtrain.log import RunLog, Throughput
@@ -33,7 +36,7 @@ from rmtrain.runs import (
     save_final,
     write_run_info,
 )
-from rmtrain.scoring import evaluate_pairs, first_occurrences, gather_per_item, inference_set
+from rmtrain.scoring import evaluate_pairs, gather_per_item, inference_set
 
 
 def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -72,6 +75,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     # Optimizer, prepare, schedule ---------------------------------------------------------------
     if t.embedding_rows == "seen" and not is_sharded(accelerator):
         log.info(train_seen_rows_only(rm.model, torch.tensor(token_ids(train_groups, rm.fmt.pad_token_id)), t.weight_decay))
+    shard_head_in_fp32(accelerator, rm)
     optimizer = make_optimizer(rm.model, t)
     model, optimizer, train_dl = accelerator.prepare(rm.model, optimizer, batches.train)
     eval_set = eval_batches(accelerator, rm, t, batches, eval_groups, source_labels(splits.get("eval", []))) if eval_groups else None
@@ -104,7 +108,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     row_of = {g.uid: (g.source, g.row) for g in train_groups}  # what a non-finite step names
     stop = StopRequest(log)
     last_eval: dict[str, float] | None = None
-    saved_step, in_a_row, skip = state.step, 0, False
+    saved_step, in_a_row, nonfinite = state.step, 0, None
     offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if t.activation_offloading else contextlib.nullcontext()
     model.train()
     log.start_progress(total_steps, completed=state.step)
@@ -119,25 +123,26 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             epoch = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
             for passes in epoch:
                 with offload:
-                    result = train_step(accelerator, model, optimizer, rm, passes, t, skip)
+                    result = train_step(accelerator, model, optimizer, rm, passes, t, nonfinite)
                 state.batches_in_epoch += 1
                 skip = metrics.add(result)
                 if not accelerator.sync_gradients:
+                    nonfinite = result.nonfinite  # carried to the step's last batch
                     continue
+                nonfinite = None
                 # A skipped step still counts as a step: the schedule and the data position advance as in a
                 # run without it; only the weights and optimizer moments stay as they were.
                 scheduler.step()
                 state.step += 1
                 log.advance()
-                rows = metrics.end_step(kept=not skip)
+                metrics.end_step(kept=not skip)
                 in_a_row = in_a_row + 1 if skip else 0
                 if skip:
                     state.skipped_steps += 1
                     log.warn(f"step {state.step}: non-finite loss or gradient norm, optimizer step skipped ({in_a_row} in a row)")
                     if in_a_row >= t.max_nonfinite_steps:
-                        rows = [(row_of[uid][0], row_of[uid][1] + 1) for uid in rows]
+                        rows = [(row_of[uid][0], row_of[uid][1] + 1) for uid in metrics.skipped_groups()]
                         raise NonFiniteLossError(nonfinite_message(t.max_nonfinite_steps, state.step, rows, recipe, out, saved_step))
-                skip = False
                 if state.step % t.logging_steps == 0 or state.step == total_steps:
                     values = metrics.take()
                     if values is not None:
@@ -171,10 +176,14 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         best.consider(accelerator, model, rm, state, last_eval)
         log.metrics("eval", state.step, last_eval)
         log.table(f"final eval ({len(eval_groups)} {preflight[-1].kind})", last_eval)
+    engine = {"distributed_type": accelerator.distributed_type.value}
+    if is_fsdp(accelerator):
+        engine |= {"fsdp_version": accelerator.state.fsdp_plugin.fsdp_version, "idle_forwards": sum_over_processes(accelerator, metrics.idle_forwards)}
     save_final(accelerator, model, rm, recipe, out)
     info = {
         "complete": True,
         "num_processes": accelerator.num_processes,
+        **engine,
         "steps": state.step,
         "train_pairs": sum(len(g.pairs) for g in train_groups),
         "eval_pairs": sum(len(g.pairs) for g in eval_groups) if eval_groups else 0,
@@ -209,7 +218,12 @@ class Batches:
 
 def plan_batches(accelerator, rm: RewardModel, t: TrainConfig, bf16: bool, groups: list[Group], log: RunLog) -> Batches:
     """The batch layout, the pass budget and the training loader, with the pre-flight line that says what they compute."""
-    layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free, t.prefix_attention)
+    prefix_attention = t.prefix_attention
+    if is_zero3(accelerator) and prefix_attention == "segments":
+        # The weights are partitioned from the load on: nothing can run the model before DeepSpeed wraps it.
+        log.info("DeepSpeed ZeRO-3: segment attention cannot be checked on the partitioned model, using the 4D mask")
+        prefix_attention = "mask"
+    layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free, prefix_attention)
     if note:
         log.info(note)
     budget, budget_note = t.max_tokens_per_forward, ""
@@ -289,90 +303,121 @@ class BatchResult:
     objective: torch.Tensor
     """The batch's objective summed with its weights (detached): divided by `weight`, what is minimised."""
     weight: int
+    nonfinite: torch.Tensor
+    """A device flag: some pass of this process's batches of the step so far had a non-finite objective."""
     skip: bool
-    """The optimizer step this batch belongs to is skipped: a pass was non-finite, on some process."""
+    """At the end of an optimizer step: the step was skipped (a non-finite objective or gradient norm, on some process)."""
+    idle: int
+    """Forwards run only to keep in step with the other processes (FSDP, `lockstep`)."""
     counts: list
     """Real tokens (a device tensor), computed tokens, rows with pairs, completions."""
 
 
-def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict[str, Any]], t: TrainConfig, skip: bool = False) -> BatchResult:
+def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict[str, Any]], t: TrainConfig,
+               nonfinite: torch.Tensor | None = None) -> BatchResult:
     """One batch, computed in its passes, then, at the end of an accumulated step, the optimizer step.
 
     Each pass backpropagates its objective (summed over its pairs, or rows, with their weights) times
     `num_processes / global weight`: summed over passes and averaged over processes (DDP's all-reduce on the
     last pass), that is the gradient of the objective's mean over the global batch, however it is split into
-    passes and processes. A row too long for one pass is computed in chunks of its completions
-    (`backward_in_chunks`). A pass whose objective is not finite gets no backward, and then neither does any
-    pass of its step on any process (they agree before the last pass's backward, which all-reduces and, under
-    DeepSpeed, steps); the step is skipped and its gradients dropped. `skip` carries that across the batches
-    of an accumulated step.
+    passes and processes. A row too long for one pass is computed in chunks of its completions: the rewards of all
+    chunks first, without a graph, and the objective's gradient with respect to them; then each chunk again with a
+    graph, backpropagating its rewards times that gradient (the objective depends on the model only through the
+    rewards: its exact gradient, for any loss over the whole list, at one more forward per chunk).
+
+    Under FSDP every forward is a collective: processes whose batches split into fewer passes run idle ones
+    (`lockstep`), so all make the same forwards. A non-finite objective is carried as a device flag (`nonfinite`,
+    across the batches of an accumulated step) and its pass still backpropagates; at the step's end the processes
+    agree, once, whether any objective or the gradient norm was non-finite, and such a step is skipped, its
+    gradients dropped. Under DeepSpeed, which steps inside the last backward, that pass's loss is made NaN instead,
+    so that DeepSpeed's own check skips the step and drops the gradients.
     """
     objective = Objective.of(t)
-    keys, chosen_parts, rejected_parts, losses, objectives = [], [], [], [], []
-    counts = [0, 0, 0, 0]
+    device = accelerator.device
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device) if nonfinite is None else nonfinite
+    values: dict[int, tuple] = {}
     batch = None
     try:
         with accelerator.accumulate(model):
             weight = sum(objective.weight(p) for p in passes)
-            scale = accelerator.num_processes / max(sum_over_processes(accelerator, weight), 1)
+            # The global weight stays on the device: no wait for it before the forwards.
+            scale = (accelerator.num_processes / total_over_processes(accelerator, weight).clamp(min=1)).float()
+            graph: list[tuple[int, dict, torch.Tensor | None]] = []  # (pass, batch or chunk, gradient of its rewards)
+            idle_no_grad, idle_graph = lockstep(accelerator, passes)
+            for _ in range(idle_no_grad):
+                with torch.no_grad():
+                    batch_rewards(model, rm, idle_batch(rm, device))
             for i, batch in enumerate(passes):
-                last = i == len(passes) - 1
-                if "chunks" in batch:
-                    skip, values = backward_in_chunks(accelerator, model, rm, batch, objective, scale, last, skip)
-                else:
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        values = objective.total(batch_rewards(model, rm, batch), batch)
-                        skip = skip or not bool(torch.isfinite(values[0]))
-                        if last:
-                            skip = sum_over_processes(accelerator, int(skip)) > 0
-                        if not skip:
-                            accelerator.backward(values[0] * scale)
-                minimised, chosen, rejected, loss = values
-                keys.append(batch["pair_key"])
-                chosen_parts.append(chosen.detach())
-                rejected_parts.append(rejected.detach())
-                losses.append(loss.detach())
-                objectives.append(minimised.detach())
-                for j, n in enumerate(pass_counts(batch)):
-                    counts[j] += n
-            if accelerator.sync_gradients and t.max_grad_norm and not skip:
-                norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-                skip = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)).all())
-            if not skip:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # at a skipped step: drops the accumulated gradients
+                if "chunks" not in batch:
+                    graph.append((i, batch, None))
+                    continue
+                with torch.no_grad():
+                    rewards = torch.cat([batch_rewards(model, rm, chunk) for chunk in batch["chunks"]])
+                rewards.requires_grad_(True)
+                values[i] = objective.total(rewards, batch)
+                (gradient,) = torch.autograd.grad(values[i][0] * scale, rewards)
+                sizes = [chunk["num_completions"] for chunk in batch["chunks"]]
+                graph.extend((i, chunk, part) for chunk, part in zip(batch["chunks"], gradient.split(sizes)))
+            graph = [(-1, idle_batch(rm, device), None)] * idle_graph + graph
+            for j, (i, batch, gradient) in enumerate(graph):
+                last = j == len(graph) - 1
+                # DDP all-reduces on the last backward only; FSDP2 reduce-scatters every one (gradients stay sharded).
+                with contextlib.nullcontext() if last or is_fsdp(accelerator) else accelerator.no_sync(model):
+                    rewards = batch_rewards(model, rm, batch)
+                    if i < 0:  # idle: a forward and backward that add nothing
+                        loss = rewards.sum() * 0.0
+                    elif gradient is None:
+                        values[i] = objective.total(rewards, batch)
+                        loss = values[i][0] * scale
+                    else:
+                        loss = (rewards * gradient).sum()
+                    if last:
+                        nonfinite = nonfinite | ~torch.isfinite(torch.stack([v[0] for v in values.values()])).all()
+                        if is_deepspeed(accelerator) and accelerator.sync_gradients and sum_over_processes(accelerator, nonfinite) > 0:
+                            loss = loss * float("nan")
+                    accelerator.backward(loss)
+            skip = accelerator.sync_gradients and end_of_step(accelerator, model, optimizer, t, nonfinite)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if is_out_of_memory(error):
             raise PassOutOfMemory(batch["chunks"][0] if batch and "chunks" in batch else batch) from None
         raise
-    return BatchResult(torch.cat(keys), torch.cat(chosen_parts), torch.cat(rejected_parts), torch.cat(losses),
-                       torch.stack(objectives).sum(), weight, skip, counts)
+    keys = torch.cat([p["pair_key"] for p in passes])
+    minimised, chosen, rejected, loss = (torch.cat([values[i][k].detach().reshape(-1) for i in range(len(passes))]) for k in range(4))
+    counts = [sum(n) for n in zip(*(pass_counts(p) for p in passes))]
+    return BatchResult(keys, chosen, rejected, loss, minimised.sum(), weight, nonfinite, skip, idle_no_grad + idle_graph, counts)
 
 
-def backward_in_chunks(accelerator, model, rm: RewardModel, item: dict[str, Any], objective: Objective, scale: float, last: bool, skip: bool):
-    """A row too long for one pass, in chunks of its completions (each with the prompt): the rewards of all
-    chunks first, without a graph; the objective and its gradient with respect to those rewards; then each
-    chunk again with a graph, backpropagating its rewards times that gradient. The objective depends on the
-    model only through the rewards, so this is its exact gradient, for any loss over the whole list, at the
-    cost of one more forward per chunk."""
-    with torch.no_grad():
-        rewards = torch.cat([batch_rewards(model, rm, chunk) for chunk in item["chunks"]])
-    rewards.requires_grad_(True)
-    values = objective.total(rewards, item)
-    skip = skip or not bool(torch.isfinite(values[0]))
-    if last:
-        skip = sum_over_processes(accelerator, int(skip)) > 0
+def end_of_step(accelerator, model, optimizer, t: TrainConfig, nonfinite: torch.Tensor) -> bool:
+    """Clip, then step unless some process had a non-finite objective or the gradient norm is not finite (one
+    agreement across processes); drop the gradients either way. Returns whether the step was skipped."""
+    if is_deepspeed(accelerator):  # it clipped and stepped (or skipped) inside the last backward
+        return accelerator.optimizer_step_was_skipped
+    if t.max_grad_norm:
+        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        nonfinite = nonfinite | ~torch.isfinite(torch.as_tensor(norm, device=nonfinite.device)).all()
+    skip = sum_over_processes(accelerator, nonfinite) > 0
     if not skip:
-        (gradient,) = torch.autograd.grad(values[0] * scale, rewards)
-        start = 0
-        for j, chunk in enumerate(item["chunks"]):
-            n = chunk["num_completions"]
-            final = last and j == len(item["chunks"]) - 1
-            with contextlib.nullcontext() if final else accelerator.no_sync(model):
-                accelerator.backward((batch_rewards(model, rm, chunk) * gradient[start : start + n]).sum())
-            start += n
-    return skip, tuple(v.detach() for v in values)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skip
+
+
+def lockstep(accelerator, passes: list[dict[str, Any]]) -> tuple[int, int]:
+    """Under FSDP (every forward gathers parameters, a collective): the idle forwards without and with a graph this
+    process runs so that every process makes as many of each as the busiest. Elsewhere none."""
+    if not is_fsdp(accelerator):
+        return 0, 0
+    chunks = sum(len(p["chunks"]) for p in passes if "chunks" in p)
+    mine = torch.tensor([[chunks, len(passes) - sum("chunks" in p for p in passes) + chunks]], device=accelerator.device)
+    most = accelerator.gather(mine).amax(0)
+    return int(most[0] - mine[0, 0]), int(most[1] - mine[0, 1])
+
+
+def idle_batch(rm: RewardModel, device) -> dict[str, torch.Tensor]:
+    """A one-token batch whose forward and zero-weighted backward keep a process in step with the others."""
+    ids = torch.full((1, 1), rm.fmt.pad_token_id, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def pass_counts(batch: dict[str, Any]) -> tuple:
@@ -391,10 +436,10 @@ def pass_counts(batch: dict[str, Any]) -> tuple:
 
 
 class StepMetrics:
-    """Per-pair values of every process, gathered once per batch (processes may split their batches into
-    different numbers of passes), held until their optimizer step is kept or skipped, then pooled until the
-    next log line. Each pair counts once per epoch (Accelerate repeats pairs to even out plain batches).
-    `objective` is logged beside `loss` when they can differ."""
+    """Per-pair values of this process, held until their optimizer step is kept or skipped, then pooled until the
+    next log line, where every process's are gathered at once (processes may split their batches into different
+    numbers of passes; a gather per batch would wait for the device each time). Each pair counts once per epoch
+    (Accelerate repeats pairs to even out plain batches). `objective` is logged beside `loss` when they can differ."""
 
     def __init__(self, accelerator, t: TrainConfig, lists: bool):
         self.accelerator = accelerator
@@ -403,27 +448,36 @@ class StepMetrics:
         self.pending: list[tuple] = []
         self.window: list[tuple] = []
         self.sums = [0.0] * 6  # this process's real, computed tokens, rows, completions, objective, weight
-        self.seen: set[int] = set()
+        self.epoch = 0
+        self.seen: dict[int, set[int]] = {}  # keys counted, per epoch
+        self.last_skipped: torch.Tensor | None = None
+        self.idle_forwards = 0
         self.speed = Throughput(lists=lists)
 
     def new_epoch(self) -> None:
-        self.seen = set()
+        self.epoch += 1
 
     def add(self, result: BatchResult) -> bool:
         """Record a batch; returns whether its step is skipped (as `train_step` said)."""
-        gathered = gather_per_item(self.accelerator, result.chosen, result.rejected, result.loss, key=result.keys)
-        self.pending.append((gathered, [*result.counts, result.objective, result.weight]))
+        self.pending.append(((result.keys, result.chosen, result.rejected, result.loss), [*result.counts, result.objective, result.weight]))
+        self.idle_forwards += result.idle
         return result.skip
 
-    def end_step(self, kept: bool) -> list[int]:
-        """Close an optimizer step: its values join the window if it was kept. Returns the uids of its groups."""
-        uids = sorted({int(k) // PAIR_KEY for values, _ in self.pending for k in values[0].tolist()})
+    def end_step(self, kept: bool) -> None:
+        """Close an optimizer step: its values join the window if it was kept."""
         if kept:
-            self.window.extend(values for values, _ in self.pending)
+            self.window.extend((self.epoch, *values) for values, _ in self.pending)
             for _, sums in self.pending:
                 self.sums = [a + b for a, b in zip(self.sums, sums)]
+        else:
+            self.last_skipped = torch.cat([values[0] for values, _ in self.pending])
         self.pending = []
-        return uids
+
+    def skipped_groups(self) -> list[int]:
+        """The uids of the groups of the last skipped step, every process's (a collective: all processes call it)."""
+        keys = self.last_skipped
+        (keys,) = gather_per_item(self.accelerator, key=keys)
+        return sorted({int(k) // PAIR_KEY for k in keys.tolist()})
 
     def take(self) -> dict[str, float] | None:
         """Metrics of the pairs since the last call, with throughput; None when no step was kept since."""
@@ -431,8 +485,16 @@ class StepMetrics:
             return None
         device = self.accelerator.device
         sums = self.accelerator.reduce(torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64) for v in self.sums]), "sum")
-        key, chosen, rejected, loss = (torch.cat(parts) for parts in zip(*self.window))
-        first = first_occurrences(key, self.seen).to(chosen.device)
+        epochs = torch.cat([torch.full_like(keys, epoch) for epoch, keys, *_ in self.window])
+        key, chosen, rejected, loss = (torch.cat(parts) for parts in list(zip(*self.window))[1:])
+        key, chosen, rejected, loss, epochs = gather_per_item(self.accelerator, chosen, rejected, loss, epochs.to(chosen.dtype), key=key)
+        keep = []
+        for epoch, k in zip(epochs.long().tolist(), key.tolist()):
+            seen = self.seen.setdefault(epoch, set())
+            keep.append(k not in seen)
+            seen.add(k)
+        first = torch.tensor(keep, dtype=torch.bool, device=chosen.device)
+        self.seen = {e: keys for e, keys in self.seen.items() if e >= self.epoch}  # older epochs are over
         real, computed, rows, completions, objective_sum, weight = sums.tolist()
         self.speed.add(int(first.sum()), int(real), int(computed), int(rows), int(completions))
         values = pair_stats(chosen[first], rejected[first], loss[first])

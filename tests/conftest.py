@@ -71,3 +71,21 @@ def rmtrain_cli(*args: str, cwd: Path | None = None, timeout: int = 900):
         timeout=timeout,
         env={**os.environ, "COLUMNS": "200"},
     )
+
+
+@pytest.fixture(scope="session")
+def single_process_runs(tmp_path_factory, tiny_qwen3):
+    """The sharded-engine tests' references: {case: run folder} of tests.sharded's recipes in one process, each run
+    once per session when first asked for."""
+    from tests.sharded import RECIPES, fit
+
+    runs: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in runs:
+            tmp = tmp_path_factory.mktemp(f"single-{case}")
+            fit(tmp, RECIPES[case](tiny_qwen3, shared_data_dir(), tmp / "run", 1), None)
+            runs[case] = tmp / "run"
+        return runs[case]
+
+    return get

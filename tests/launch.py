@@ -48,11 +48,11 @@ def run_fit(recipe: Path, *extra: str, num_processes: int = 1, config_file: Path
     )
 
 
-def start_fit(recipe: Path, *extra: str, num_processes: int = 1, log: Path) -> subprocess.Popen:
+def start_fit(recipe: Path, *extra: str, num_processes: int = 1, log: Path, config_file: Path | None = None) -> subprocess.Popen:
     """A fit in its own process group (so a signal or a kill reaches the launcher and all its workers)."""
     handle = log.open("w")
     return subprocess.Popen(
-        fit_command(recipe, *extra, num_processes=num_processes),
+        fit_command(recipe, *extra, num_processes=num_processes, config_file=config_file),
         cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True,
     )
 
