@@ -32,6 +32,7 @@ import torch
 
 from rmtrain import attention
 from rmtrain.data import Group
+from rmtrain.flops import attention_pairs
 
 Shape = tuple[int, int]
 """(width, rows) a group adds to a batch: a padded batch computes max(width) * sum(rows) tokens."""
@@ -50,6 +51,20 @@ def group_cost(group: Group, layout: str) -> int:
     """Tokens a group computes on its own under `layout` (the key length grouping sorts by)."""
     width, rows = group_shape(group, layout)
     return width * rows
+
+
+def model_work(groups: list[Group], layout: str) -> tuple[int, int]:
+    """(tokens, causal query-key pairs) the model needs for `groups` in `layout`, padding left out: with a shared
+    prefix the prompt once, each completion against it and itself; otherwise every sequence whole (rmtrain.flops)."""
+    tokens = pairs = 0
+    for g in groups:
+        if layout == "shared_prefix":
+            tokens += len(g.prefix) + sum(len(c) for c in g.completions)
+            pairs += attention_pairs(len(g.prefix), [len(c) for c in g.completions])
+        else:
+            tokens += sum(g.lengths())
+            pairs += sum(attention_pairs(0, [n]) for n in g.lengths())
+    return tokens, pairs
 
 
 def computed_tokens(shapes: list[Shape], layout: str) -> int:
@@ -127,6 +142,7 @@ def collate_plain(groups: list[Group], pad_token_id: int) -> dict[str, torch.Ten
         "attention_mask": attention_mask,
         "reward_index": torch.tensor([i * width + len(s) - 1 for i, s in enumerate(sequences)], dtype=torch.long),
         "real_tokens": torch.tensor(sum(len(s) for s in sequences)),
+        "model_work": model_work(groups, "plain"),
     }
     return batch | targets(groups)
 
@@ -154,6 +170,7 @@ def collate_packed(groups: list[Group], pad_token_id: int, mask_format: str = "b
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(len(ids)),
+        "model_work": model_work(groups, "packed"),
     }
     return batch | targets(groups)
 
@@ -199,6 +216,7 @@ def collate_shared_prefix(groups: list[Group], pad_token_id: int, mask_format: s
         "mask_kind": mask_format,
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(real),
+        "model_work": model_work(groups, "shared_prefix"),
     }
     return batch | targets(groups)
 
@@ -228,6 +246,7 @@ def _collate_segments(groups: list[Group]) -> dict[str, torch.Tensor]:
         "reward_index": torch.tensor(ends, dtype=torch.long),
         "real_tokens": torch.tensor(real),
         "segments": attention.segments(groups, bases),
+        "model_work": model_work(groups, "shared_prefix"),
     }
     return batch | targets(groups)
 
@@ -320,7 +339,7 @@ def collate_passes(groups: list[Group], collate, layout: str, max_tokens: int | 
         group = part[0]
         if max_tokens and len(part) == 1 and len(group.completions) > 2 and group_cost(group, layout) > max_tokens:
             chunks = [collate([group.chunk(indices)]) for indices in completion_chunks(group, layout, max_tokens)]
-            passes.append({"chunks": chunks} | targets([group]))
+            passes.append({"chunks": chunks, "model_work": model_work([group], layout)} | targets([group]))
         else:
             passes.append(collate(part))
     return passes
@@ -428,23 +447,26 @@ def training_loader(
     max_tokens_per_batch: int | None,
     max_tokens_per_forward: int | None,
     num_processes: int,
+    workers: int = 0,
 ):
     """A shuffled DataLoader whose every batch is a list of passes, and its length-grouped sampler (or None).
 
     `num_processes`: the world size the loader will be sharded over by `accelerator.prepare`; length-grouped
     batches are then cut so that one optimizer step holds the same groups as with one process.
-    `max_tokens_per_batch` replaces the group count as the batch bound.
+    `max_tokens_per_batch` replaces the group count as the batch bound. `workers` processes collate batches (and
+    pin them, for a CUDA device) while the device computes.
     """
     from torch.utils.data import DataLoader
 
     to_passes = partial(collate_passes, collate=collate, layout=layout, max_tokens=max_tokens_per_forward)
+    loading = {"num_workers": workers, "pin_memory": workers > 0 and torch.cuda.is_available(), "persistent_workers": workers > 0}
     if not (length_grouped or max_tokens_per_batch):
-        return DataLoader(groups, batch_size=batch_size, shuffle=True, collate_fn=to_passes), None
+        return DataLoader(groups, batch_size=batch_size, shuffle=True, collate_fn=to_passes, **loading), None
     sampler = LengthGroupedBatchSampler(
         [group_shape(g, layout) for g in groups], batch_size, seed, max_tokens=max_tokens_per_batch,
         num_processes=num_processes, layout=layout,
     )
-    return DataLoader(groups, batch_sampler=sampler, collate_fn=to_passes), sampler
+    return DataLoader(groups, batch_sampler=sampler, collate_fn=to_passes, **loading), sampler
 
 
 def token_counts(groups: list[Group], sampler: LengthGroupedBatchSampler, layout: str) -> tuple[int, int, int]:

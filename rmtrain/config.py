@@ -169,6 +169,11 @@ class TrainConfig:
     """Trackers (Accelerate's) that get the recipe and the train/eval metrics; each is an extra: rmtrain[wandb]."""
     run_name: str | None = None
     """The run's name in the trackers; defaults to the output folder's name."""
+    peak_tflops: float | None = None
+    """The GPU's peak bf16 TFLOP/s for the MFU in the log; null: from rmtrain's table of data-centre GPUs."""
+    dataloader_workers: int | None = None
+    """Processes that collate batches while the device computes; null: 2 with a CUDA device, 0 on the CPU (whose
+    cores compute)."""
     ddp_timeout: int = 1800
     """Seconds a process waits in a collective for the others (several processes), as transformers' Trainer."""
 
@@ -404,6 +409,8 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
           "train.keep_best: set, but there is no eval set to pick the best by (add data.eval or data.eval_fraction)")
     check(len(set(t.report_to)) == len(t.report_to), f"train.report_to: a tracker is named twice: {t.report_to}")
     check(t.ddp_timeout >= 1, f"train.ddp_timeout: must be >= 1 (seconds), got {t.ddp_timeout}")
+    check(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops: must be > 0, got {t.peak_tflops}")
+    check(t.dataloader_workers is None or t.dataloader_workers >= 0, f"train.dataloader_workers: must be >= 0, got {t.dataloader_workers}")
 
 
 # --------------------------------------------------------------------------------------------------

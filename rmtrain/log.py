@@ -42,6 +42,10 @@ def _summary(values: dict[str, Any]) -> str:
         parts.append(f"{values['lists_per_s']:.2f} lists/s")
     if "computed_tokens_per_real" in values:
         parts.append(f"computed/real tokens {values['computed_tokens_per_real']:.2f}")
+    if "mfu" in values:
+        parts.append(f"MFU {100 * values['mfu']:.1f}%")
+    elif "gflops_per_s" in values:
+        parts.append(f"{values['gflops_per_s']:.1f} GFLOP/s")
     return "  ".join(parts)
 
 
@@ -128,11 +132,13 @@ def _numbers(values: dict[str, Any], prefix: str) -> dict[str, float]:
 class Throughput:
     """Training-only time and token counts (evaluation and checkpointing are paused out)."""
 
-    def __init__(self, lists: bool = False) -> None:
-        self.window = {"seconds": 0.0, "pairs": 0, "real_tokens": 0, "computed_tokens": 0}
+    def __init__(self, lists: bool = False, peak_flops: float | None = None) -> None:
+        self.window = {"seconds": 0.0, "pairs": 0, "real_tokens": 0, "computed_tokens": 0, "flops": 0.0}
         if lists:  # training on ranked lists also counts lists and completions
             self.window |= {"lists": 0, "completions": 0}
         self.total = dict(self.window)
+        self.peak_flops = peak_flops
+        """All processes' peak FLOP/s (a GPU's from rmtrain.flops times their number), for MFU; None on a CPU."""
         self._since: float | None = None
 
     def resume(self) -> None:
@@ -152,9 +158,9 @@ class Throughput:
         finally:
             self.resume()
 
-    def add(self, pairs: int, real_tokens: int, computed_tokens: int, lists: int = 0, completions: int = 0) -> None:
+    def add(self, pairs: int, real_tokens: int, computed_tokens: int, lists: int = 0, completions: int = 0, flops: float = 0.0) -> None:
         for key, value in (("pairs", pairs), ("real_tokens", real_tokens), ("computed_tokens", computed_tokens),
-                           ("lists", lists), ("completions", completions)):
+                           ("lists", lists), ("completions", completions), ("flops", flops)):
             if key in self.window:
                 self.window[key] += value
 
@@ -165,23 +171,27 @@ class Throughput:
         w = self.window
         for key in w:
             self.total[key] += w[key]
-        rates = _rates(w)
-        self.window = {k: 0 if k != "seconds" else 0.0 for k in w}
+        rates = _rates(w, self.peak_flops)
+        self.window = {k: 0 if k not in ("seconds", "flops") else 0.0 for k in w}
         if running:
             self.resume()
         return rates
 
     def totals(self) -> dict[str, float]:
-        return {**self.total, **_rates(self.total)}
+        return {**self.total, **_rates(self.total, self.peak_flops)}
 
 
-def _rates(counts: dict[str, float]) -> dict[str, float]:
+def _rates(counts: dict[str, float], peak_flops: float | None = None) -> dict[str, float]:
     seconds = max(counts["seconds"], 1e-9)
     rates = {
         "pairs_per_s": counts["pairs"] / seconds,
         "tokens_per_s": counts["real_tokens"] / seconds,
         "computed_tokens_per_real": counts["computed_tokens"] / max(counts["real_tokens"], 1),
+        # Model FLOPs (rmtrain.flops: padding and recomputation left out) per second, and as a share of the peak.
+        "gflops_per_s": counts["flops"] / seconds / 1e9,
     }
+    if peak_flops:
+        rates["mfu"] = counts["flops"] / seconds / peak_flops
     for key in ("lists", "completions"):
         if key in counts:
             rates[f"{key}_per_s"] = counts[key] / seconds

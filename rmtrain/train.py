@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from rmtrain.engine import (
 )
 from rmtrain.errors import NonFiniteLossError, ResourceError
 from rmtrain.faults import StopRequest, interrupted_message, is_out_of_memory, nonfinite_message, out_of_memory_message
+from rmtrain.flops import peak_flops, reward_model_training_flops
 from rmtrain.log import RunLog, Throughput
 from rmtrain.loss import Objective, pair_stats
 from rmtrain.model import RewardModel, batch_rewards, load_reward_model
@@ -104,7 +106,8 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     best = BestModel(recipe, out)
 
     # Loop ---------------------------------------------------------------------------------------
-    metrics = StepMetrics(accelerator, t, lists=any(len(g.completions) > 2 for g in train_groups))
+    metrics = StepMetrics(accelerator, t, lists=any(len(g.completions) > 2 for g in train_groups),
+                          flops_of=partial(reward_model_training_flops, rm.model.config, rm.fmt.is_encoder), peak_flops=device_peak(accelerator, t))
     row_of = {g.uid: (g.source, g.row) for g in train_groups}  # what a non-finite step names
     stop = StopRequest(log)
     last_eval: dict[str, float] | None = None
@@ -239,6 +242,7 @@ def plan_batches(accelerator, rm: RewardModel, t: TrainConfig, bf16: bool, group
         groups, layout, collate_for(layout, rm.fmt.pad_token_id, mask_format), t.per_device_batch_size, t.seed,
         length_grouped=t.batching == "length_grouped", max_tokens_per_batch=t.max_tokens_per_batch,
         max_tokens_per_forward=budget, num_processes=accelerator.num_processes,
+        workers=t.dataloader_workers if t.dataloader_workers is not None else 2 * (accelerator.device.type == "cuda"),
     )
     line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
     if budget:
@@ -267,6 +271,13 @@ def eval_batches(accelerator, rm: RewardModel, t: TrainConfig, batches: Batches,
     tokens = inference_tokens_per_forward(rm.model, accelerator.device) if t.max_tokens_per_forward == "auto" else t.max_tokens_per_forward
     return inference_set(accelerator, groups, batches.layout, batches.mask_format, rm.fmt.pad_token_id,
                          2 * (t.eval_batch_size or t.per_device_batch_size), tokens, names)
+
+
+def device_peak(accelerator, t: TrainConfig) -> float | None:
+    """A GPU's peak bf16 FLOP/s (`train.peak_tflops`, else rmtrain.flops' table), for the MFU in the log; None on a CPU."""
+    if accelerator.device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(accelerator.device), t.peak_tflops)
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -310,7 +321,7 @@ class BatchResult:
     idle: int
     """Forwards run only to keep in step with the other processes (FSDP, `lockstep`)."""
     counts: list
-    """Real tokens (a device tensor), computed tokens, rows with pairs, completions."""
+    """Real tokens (a device tensor), computed tokens, rows with pairs, completions, model tokens and pairs."""
 
 
 def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict[str, Any]], t: TrainConfig,
@@ -421,14 +432,14 @@ def idle_batch(rm: RewardModel, device) -> dict[str, torch.Tensor]:
 
 
 def pass_counts(batch: dict[str, Any]) -> tuple:
-    """(real tokens, computed tokens, rows with pairs, completions) of a pass; a chunked row counts its
-    chunks' tokens twice (they are computed twice)."""
+    """(real tokens, computed tokens, rows with pairs, completions, and the model's tokens and query-key pairs,
+    rmtrain.batching.model_work) of a pass; a chunked row counts its chunks' tokens twice (they are computed twice)."""
     if "chunks" in batch:
         real = sum(chunk["real_tokens"] for chunk in batch["chunks"])
         computed = 2 * sum(chunk["input_ids"].numel() for chunk in batch["chunks"])
     else:  # real_tokens is a device tensor: int() would wait for the GPU every pass
         real, computed = batch["real_tokens"], batch["input_ids"].numel()
-    return real, computed, batch["num_groups"], batch["num_completions"]
+    return real, computed, batch["num_groups"], batch["num_completions"], *batch["model_work"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,18 +452,20 @@ class StepMetrics:
     numbers of passes; a gather per batch would wait for the device each time). Each pair counts once per epoch
     (Accelerate repeats pairs to even out plain batches). `objective` is logged beside `loss` when they can differ."""
 
-    def __init__(self, accelerator, t: TrainConfig, lists: bool):
+    def __init__(self, accelerator, t: TrainConfig, lists: bool, flops_of=lambda tokens, pairs: 0.0, peak_flops: float | None = None):
         self.accelerator = accelerator
+        self.flops_of = flops_of
+        """Model FLOPs of training on (tokens, causal query-key pairs) (rmtrain.flops)."""
         objective = Objective.of(t)
         self.report_objective = bool(t.center_rewards_coefficient) or (lists and (not objective.per_pair or t.list_margins))
         self.pending: list[tuple] = []
         self.window: list[tuple] = []
-        self.sums = [0.0] * 6  # this process's real, computed tokens, rows, completions, objective, weight
+        self.sums = [0.0] * 8  # this process's real, computed tokens, rows, completions, model tokens, pairs, objective, weight
         self.epoch = 0
         self.seen: dict[int, set[int]] = {}  # keys counted, per epoch
         self.last_skipped: torch.Tensor | None = None
         self.idle_forwards = 0
-        self.speed = Throughput(lists=lists)
+        self.speed = Throughput(lists=lists, peak_flops=peak_flops * accelerator.num_processes if peak_flops else None)
 
     def new_epoch(self) -> None:
         self.epoch += 1
@@ -495,10 +508,10 @@ class StepMetrics:
             seen.add(k)
         first = torch.tensor(keep, dtype=torch.bool, device=chosen.device)
         self.seen = {e: keys for e, keys in self.seen.items() if e >= self.epoch}  # older epochs are over
-        real, computed, rows, completions, objective_sum, weight = sums.tolist()
-        self.speed.add(int(first.sum()), int(real), int(computed), int(rows), int(completions))
+        real, computed, rows, completions, tokens, pairs, objective_sum, weight = sums.tolist()
+        self.speed.add(int(first.sum()), int(real), int(computed), int(rows), int(completions), self.flops_of(int(tokens), int(pairs)))
         values = pair_stats(chosen[first], rejected[first], loss[first])
         if self.report_objective:
             values["objective"] = objective_sum / max(weight, 1)
-        self.window, self.sums = [], [0.0] * 6
+        self.window, self.sums = [], [0.0] * 8
         return values | self.speed.take_window()

@@ -232,3 +232,17 @@ def test_plain_batches_hold_the_same_pairs_at_any_world_size_except_the_short_la
         assert sorted(two[0][step] + two[1][step]) == sorted(one[step])
     assert len(one[5]) == 2 and len(two[0][5] + two[1][5]) == 8  # 2 pairs, padded to 8 with repeats
     assert set(one[5]) <= set(two[0][5] + two[1][5])
+
+
+def test_workers_collate_the_same_batches_in_the_same_order():
+    """`train.dataloader_workers`: batches collated in worker processes are the main process's, batch for batch."""
+    from rmtrain.batching import collate_for, training_loader
+
+    pairs = [pair([1, 2, 3 + i % 5], [1, 4] + [9] * (i % 3), i) for i in range(20)]
+
+    def batches(workers: int) -> list[list[list[int]]]:
+        loader, sampler = training_loader(pairs, "shared_prefix", collate_for("shared_prefix", 0, "bool"), 4, 42, length_grouped=True,
+                                          max_tokens_per_batch=None, max_tokens_per_forward=12, num_processes=1, workers=workers)
+        return [[p["input_ids"].tolist() for p in passes] for passes in loader]
+
+    assert batches(2) == batches(0) and len(batches(0)) == 5

@@ -148,3 +148,23 @@ def test_inference_budget_keeps_a_prompt_and_its_completions_in_one_pass(minilm,
     assert inference_tokens_per_forward(tiny, cpu) == INFERENCE_MIN_TOKENS == 2048
     tiny.config = AutoConfig.from_pretrained(minilm)
     assert inference_tokens_per_forward(tiny, cpu) == 2048  # MiniLM's own estimate, unchanged
+
+
+def test_activation_offloading_reaches_the_checkpointed_layers_inputs(tiny_qwen3):
+    """With gradient checkpointing (non-reentrant, as rmtrain enables it) what a layer keeps for the backward is its
+    input; torch's checkpoint saves that input as a saved tensor, so `train.activation_offloading` (save_on_cpu's
+    saved-tensor hooks) moves it to the CPU: every decoder layer's input goes through the hooks."""
+    from rmtrain.config import ModelConfig
+
+    rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3), None, gradient_checkpointing=True)
+    rm.model.train()
+    layer_inputs = []
+    for layer in rm.model.model.layers:
+        layer.register_forward_pre_hook(lambda _m, args, kwargs: layer_inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    ids = torch.randint(100, 20000, (2, 48))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        rm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    first = layer_inputs[: rm.model.config.num_hidden_layers]  # the forward's (the recomputation runs them again)
+    assert len(first) == rm.model.config.num_hidden_layers >= 2
+    assert all(any(t is saved for saved in packed) for t in first)
