@@ -6,12 +6,13 @@ not installed (it is not an rmtrain dependency; the test extra installs it)."""
 
 import importlib.util
 import re
+import time
 
 import pytest
 
-from tests.conftest import read_jsonl
-from tests.launch import metrics
-from tests.sharded import RECIPES, assert_same_run, fit, pairs_recipe, run_info
+from tests.conftest import FULL, read_jsonl, write_recipe
+from tests.launch import kill_everything, metrics, start_fit
+from tests.sharded import ACCELERATE_CONFIGS, RECIPES, assert_same_run, fit, pairs_recipe, run_info
 
 pytestmark = [
     pytest.mark.shared_data,
@@ -19,7 +20,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install 'deepspeed>=0.19.8')"),
 ]
 
-CASES = {"zero2-pairs": ("deepspeed-zero2.yaml", "pairs"), "zero3-lists": ("deepspeed-zero3.yaml", "lists")}
+# LoRA on lists under both stages (ZeRO-2 runs segment attention through the DeepSpeedEngine; ZeRO-3 merges the
+# adapter with the parameters partitioned); the full fine-tunes on pairs too under RMTRAIN_FULL=1.
+CASES = {"zero2-lists": ("deepspeed-zero2.yaml", "lists"), "zero3-lists": ("deepspeed-zero3.yaml", "lists")}
+if FULL:
+    CASES |= {"zero2-pairs": ("deepspeed-zero2.yaml", "pairs"), "zero3-pairs": ("deepspeed-zero3.yaml", "pairs")}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +47,8 @@ def test_deepspeed_on_two_processes_trains_as_one_process(deepspeed_runs, single
     assert "each batch runs in one pass" in " ".join(console.split())
     if name.startswith("zero3"):  # partitioned from the load: the mask instead of the unchecked segment attention
         assert "using the 4D mask" in " ".join(console.split())
+    elif name == "zero2-lists":  # segment attention, recognised through the engine (which has a .config of its own)
+        assert "4D mask" not in " ".join(console.split())
     assert_same_run(single_process_runs(CASES[name][1]), out, 1e-4)
     assert [r["step"] for r in metrics(out, "eval")][0] == 2  # an eval between training steps, then training went on
 
@@ -75,3 +82,23 @@ def test_a_non_finite_step_is_skipped_by_deepspeed_and_the_run_stops_naming_the_
     assert re.search(r"error: train.max_nonfinite_steps: 2 optimizer steps in a row \(up to step 3\).*last batch: rows [\d, ]+ of", text)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # skipped steps save nothing
     assert [r["step"] for r in metrics(out, "train")] == [1]
+
+
+@pytest.mark.skipif(not FULL, reason="about a minute on 2 cores; RMTRAIN_FULL=1 runs it (FSDP2's is in make test)")
+def test_kill_9_then_resume_under_zero3_ends_as_the_uninterrupted_run(tmp_path, tiny_qwen3, shared_data):
+    reference = tmp_path / "reference"
+    tree = pairs_recipe(tiny_qwen3, shared_data, reference, 2)
+    fit(tmp_path, tree, "deepspeed-zero3.yaml")
+    out = tmp_path / "run"
+    tree["train"]["output_dir"] = str(out)
+    log = tmp_path / "first.log"
+    process = start_fit(write_recipe(tmp_path, tree), num_processes=2, log=log, config_file=ACCELERATE_CONFIGS / "deepspeed-zero3.yaml")
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    deadline = time.monotonic() + 600
+    while not (checkpoint / "training_state.json").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    kill_everything(process)
+    console = fit(tmp_path, tree, "deepspeed-zero3.yaml", "--resume")
+    assert re.search(r"resumed from \S+checkpoint-(\d+) at step", " ".join(console.split()))
+    assert_same_run(reference, out, 1e-5)

@@ -168,3 +168,22 @@ def test_activation_offloading_reaches_the_checkpointed_layers_inputs(tiny_qwen3
     first = layer_inputs[: rm.model.config.num_hidden_layers]  # the forward's (the recomputation runs them again)
     assert len(first) == rm.model.config.num_hidden_layers >= 2
     assert all(any(t is saved for saved in packed) for t in first)
+
+
+def test_segment_attention_is_recognised_through_an_engine_with_a_config_of_its_own(tiny_qwen3):
+    """A DeepSpeedEngine wraps the model as `.module` and has a `.config` of its own (DeepSpeed's dict): the check that
+    a shared-prefix batch may go without a mask reads the transformers model inside, as DDP's wrapper is read."""
+    from rmtrain import attention
+    from rmtrain.batching import choose_layout
+    from rmtrain.config import ModelConfig
+
+    rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3))
+    assert choose_layout(rm, share_prefix=True, padding_free=False)[1] == "segments"
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"zero_optimization": {"stage": 2}}
+
+    assert attention.attention_is_segmented(Engine(rm.model))
+    assert attention.transformers_model(Engine(rm.model)) is rm.model
