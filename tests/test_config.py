@@ -109,16 +109,66 @@ def test_every_shipped_recipe_loads(path):
     assert recipe.model.name_or_path and recipe.train.output_dir
 
 
-def test_readme_documents_every_recipe_key():
-    """The README's key tables cannot drift from the dataclasses."""
+def test_recipe_doc_has_a_row_for_every_key():
+    """docs/recipes.md has one `| key | default | meaning |` table per section (and one for a data source) with a
+    row per dataclass field, the key alone in the first cell and a literal default equal to the code's; no row
+    names a key the dataclasses do not have. A key mentioned anywhere else in the text does not count."""
     import dataclasses
+    import re
+    import typing
 
-    from rmtrain.config import DataConfig, DataSource, LoraConfig, ModelConfig, TrainConfig
+    import yaml
 
-    readme = (ROOT / "README.md").read_text()
-    for cls in (ModelConfig, DataConfig, DataSource, LoraConfig, TrainConfig):
-        for f in dataclasses.fields(cls):
-            assert f"`{f.name}`" in readme, f"README does not document {cls.__name__}.{f.name}"
+    from rmtrain.config import DataConfig, DataSource, KeepBest, LoraConfig, ModelConfig, TrainConfig
+
+    sections = {"`model`": ModelConfig, "`data`": DataConfig, "A data source": DataSource, "`lora`": LoraConfig,
+                "`train`": TrainConfig}
+    tables: dict[str, list[list[str]]] = {}  # heading -> rows of cells (header and separator left out)
+    heading, fenced, block = None, False, []
+    for line in (ROOT / "docs" / "recipes.md").read_text().splitlines() + [""]:
+        if line.startswith("```"):
+            fenced = not fenced
+        if line.startswith("|") and not fenced:
+            block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if block:  # a table just ended
+            assert block[0] == ["key", "default", "meaning"], f"{heading}: table header {block[0]}"
+            assert heading in sections, f"docs/recipes.md: a key table under '## {heading}', not a section's heading"
+            assert heading not in tables, f"docs/recipes.md: two tables under '## {heading}'"
+            tables[heading] = block[2:]
+            block = []
+        if line.startswith("## ") and not fenced:
+            heading = line[3:].strip()
+    assert set(tables) == set(sections), f"docs/recipes.md: sections without a key table: {set(sections) - set(tables)}"
+
+    for heading, cls in sections.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        documented: dict[str, list[str]] = {}
+        for cells in tables[heading]:
+            match = re.fullmatch(r"`([a-z0-9_]+)`", cells[0])
+            assert match and len(cells) == 3, f"{heading}: a row must be | `key` | default | meaning |, got {cells}"
+            key = match.group(1)
+            assert key not in documented, f"{heading}: `{key}` has two rows"
+            assert key in fields.keys(), f"{heading}: `{key}` is not a key of {cls.__name__}"
+            documented[key] = cells
+        missing = [name for name in fields if name not in documented]
+        assert not missing, f"docs/recipes.md, {heading}: no row for {', '.join(missing)} ({cls.__name__})"
+        for name, (_, default, meaning) in documented.items():
+            f = fields[name]
+            expected = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default == "required":
+                assert not expected, f"{heading}: `{name}` documented as required, but defaults to {expected!r}"
+            elif re.fullmatch(r"`[^`]+`", default):
+                value = yaml.safe_load(default.strip("`"))
+                if isinstance(expected, float) and isinstance(value, str):
+                    value = float(value)  # YAML 1.1 reads 1e-4 as a string; recipes take it as a float
+                assert value == expected and isinstance(value, bool) == isinstance(expected, bool), (
+                    f"{heading}: `{name}` documented default {default}, the code's is {expected!r}")
+            if name == "keep_best":  # its own keys and values live in its row
+                for sub, tp in typing.get_type_hints(KeepBest).items():
+                    assert f"{{{sub}: " in meaning, f"`keep_best` row does not show `{sub}`"
+                    for option in typing.get_args(tp):
+                        assert option in meaning, f"`keep_best` row does not name {sub} {option!r}"
 
 
 def test_values_that_type_check_but_cannot_train_are_refused_up_front(tmp_path):
