@@ -12,9 +12,9 @@ has no gathering to do.
 
 It is registered with transformers' attention interface under `NAME`, and it reads the layout from the
 `rmtrain_segments` keyword that rmtrain passes to the model's forward (transformers forwards extra keywords
-to the attention function of every layer). Without it, a batch goes to transformers' SDPA attention. `enable`
-switches a model to it only after checking, on the model itself, that a tiny shared-prefix batch gives the same
-rewards as the 4D mask.
+to the attention function of every layer). Without it, a batch goes to transformers' SDPA attention.
+rmtrain.layout switches a model to it only after checking, on the model itself, that a tiny shared-prefix batch gives
+the same rewards as the 4D mask.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 NAME = "rmtrain_shared_prefix"
 KEYWORD = "rmtrain_segments"
-_ORIGINAL = {"sdpa": NAME}
+ORIGINAL = {"sdpa": NAME}
 """The attention implementations segment attention stands in for (batches without segments go to it)."""
 
 
@@ -154,7 +154,7 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    for original, name in _ORIGINAL.items():
+    for original, name in ORIGINAL.items():
         AttentionInterface.register(name, _attention(original))
         # Batches without segments (a plain layout) still get the mask their original attention expects.
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
@@ -245,69 +245,4 @@ def transformers_model(model):
 
 
 def attention_is_segmented(model) -> bool:
-    return getattr(transformers_model(model).config, "_attn_implementation", None) in _ORIGINAL.values()
-
-
-def disable(rm) -> None:
-    """Back to the attention the model was loaded with (after `enable`)."""
-    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
-    for original, name in _ORIGINAL.items():
-        if base.config._attn_implementation == name:
-            base.config._attn_implementation = original
-
-
-def enable(rm) -> bool:
-    """Switch a decoder from SDPA to segment attention if it gives the 4D mask's rewards on a probe batch.
-
-    Returns False (and leaves the model as it was) for other attention implementations, for models whose
-    forward does not take the segments keyword or does not hand it to its attention layers (the rewards then
-    differ), and for attention this cannot compute. Any other failure of the probe is a bug, and is raised.
-    """
-    from accelerate.utils import send_to_device
-
-    from rmtrain.batching import collate_shared_prefix
-    from rmtrain.data import Group
-    from rmtrain.model import batch_rewards
-
-    model = rm.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    original = getattr(config, "_attn_implementation", None)
-    if original in _ORIGINAL.values():
-        return True
-    if original not in _ORIGINAL:
-        return False
-    register()
-    probe = [Group.of(0, [[3, 5, 7, 11], [3, 5, 13], [3, 5, 7, 2]], [(0, 1)]), Group.of(1, [[17, 19], [17, 23, 29, 31], [17, 37]], [])]
-    device = next(model.parameters()).device
-    masked = send_to_device(collate_shared_prefix(probe, pad_token_id=0, mask_format="bool"), device)
-    segmented = send_to_device(collate_shared_prefix(probe, pad_token_id=0, mask_format="segments"), device)
-    was_training = model.training
-    model.eval()
-    ok = False
-    try:
-        with torch.no_grad():
-            reference = batch_rewards(model, rm, masked)
-            config._attn_implementation = _ORIGINAL[original]
-            got = batch_rewards(model, rm, segmented)
-        ok = torch.allclose(got, reference, **probe_tolerance(rm, reference))
-    except UnsupportedAttention:
-        pass
-    except TypeError as error:
-        if KEYWORD not in str(error):  # a forward without **kwargs refuses the keyword: expected; anything else is not
-            raise
-    finally:
-        model.train(was_training)
-        if not ok:
-            config._attn_implementation = original
-    return ok
-
-
-def probe_tolerance(rm, reference: torch.Tensor) -> dict[str, float]:
-    """How close the probe's rewards must be: summed in another order, fp32 rewards agree to ~1e-6; bf16 ones to
-    about bf16's resolution per layer. A model that ignores the segments is off by the reward's own size."""
-    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
-    low_precision = rm.autocast_dtype is not None or base.dtype in (torch.bfloat16, torch.float16)
-    if not low_precision:
-        return {"atol": 1e-4, "rtol": 1e-3}
-    return {"atol": 0.05 * max(float(reference.abs().max()), 1e-2), "rtol": 0.05}
+    return getattr(transformers_model(model).config, "_attn_implementation", None) in ORIGINAL.values()

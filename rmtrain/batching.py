@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from rmtrain import attention
-from rmtrain.data import Group
+from rmtrain.groups import Group
 from rmtrain.flops import attention_pairs
 
 Shape = tuple[int, int]
@@ -258,38 +258,6 @@ def collate_for(layout: str, pad_token_id: int, mask_format: str):
     if layout == "packed":
         return partial(collate_packed, pad_token_id=pad_token_id, mask_format=mask_format)
     return partial(collate_plain, pad_token_id=pad_token_id)
-
-
-def choose_layout(rm, share_prefix: bool, padding_free: bool, prefix_attention: str = "segments") -> tuple[str, str, str | None]:
-    """(layout, mask format, a note to print when a request could not be honoured).
-
-    The shared prefix of a decoder is computed by segment attention (rmtrain.attention) when it is asked for
-    and gives the 4D mask's rewards on this model, else with the 4D mask (sdpa or eager attention), else not
-    at all (other attention implementations take no custom masks).
-    """
-    if rm.fmt.is_encoder:
-        # Bidirectional attention: a shared prefix would see every answer; BERT-like models have no
-        # packed-sequence masks in transformers. Length grouping still removes most padding.
-        note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
-        return "plain", "bool", note
-    attention.disable(rm)  # a model this process switched before starts from its own attention again
-    attn = getattr(attention.transformers_model(rm.model).config, "_attn_implementation", None) or "eager"
-    if not share_prefix:
-        if not padding_free:
-            return "plain", "bool", None
-        if attn.startswith("flash"):
-            return "packed", "bool", None
-        if attention.enable(rm):
-            return "packed", "segments", None
-        return "plain", "bool", (f"padding_free: attention '{attn}' would get a dense [tokens x tokens] mask for each packed row; "
-                                 "using padded batches (flash_attention_2 or sdpa attention packs)")
-    if prefix_attention == "segments" and attention.enable(rm):
-        return "shared_prefix", "segments", None
-    if attn in ("sdpa", "eager"):
-        note = "shared prefix: segment attention did not give the 4D mask's rewards on this model, using the mask" if prefix_attention == "segments" else None
-        return "shared_prefix", "bool" if attn == "sdpa" else "float", note
-    fallback = "packed" if padding_free else "plain"
-    return fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rmtrain.config import DataSource
-from rmtrain.data import check_rows, list_scores, row_kind
+from rmtrain.rows import check_rows, list_scores, row_kind
 from rmtrain.errors import DataError
 from rmtrain.log import RunLog
 from rmtrain.sources import read_rows

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
+from rmtrain.loss import correct
+
 # RewardBench v1 (github allenai/reward-bench @ 05a9005, rewardbench/constants.py SUBSET_MAPPING and
 # EXAMPLE_COUNTS). A section score is the mean of its subsets' accuracies weighted by these counts; math-prm's
 # 984 (it has 447 rows) equals the six hep-* subsets together, so math and code weigh the same in Reasoning.
@@ -38,11 +40,6 @@ REWARDBENCH_SECTIONS: dict[str, dict[str, int]] = {
         **{f"hep-{lang}": 164 for lang in ("cpp", "go", "java", "js", "python", "rust")},
     },
 }
-
-
-def correct(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Per-pair outcome: the chosen reward is strictly higher (a tie counts as wrong, as in RewardBench)."""
-    return chosen > rejected
 
 
 # --------------------------------------------------------------------------------------------------

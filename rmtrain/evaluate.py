@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rmtrain.batching import choose_layout
-from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import Group, check_single_shape, tokenize_rows
 from rmtrain.diagnostics import (
     REWARDBENCH_SECTIONS,
     calibration,
-    correct,
     kendall_tau,
     length_bias,
     list_stats,
@@ -25,12 +20,15 @@ from rmtrain.diagnostics import (
     subset_accuracy,
     top1_correct,
 )
-from rmtrain.engine import inference_accelerator
 from rmtrain.errors import DataError
+from rmtrain.groups import Group, tokenize_rows
+from rmtrain.inference import evaluate_pairs, inference_set, prepare_inference
 from rmtrain.log import RunLog
-from rmtrain.saved import folder_kind, load_saved
-from rmtrain.scoring import evaluate_pairs, inference_set
+from rmtrain.loss import correct
+from rmtrain.rows import check_single_shape
+from rmtrain.saved import folder_kind, load_saved, load_saved_text, scoring_max_length
 from rmtrain.sources import read_rows
+from rmtrain.splits import EvalSet, RunData
 
 
 def subset_column(rows: list[dict[str, Any]], name: str, requested: str | None) -> str | None:
@@ -112,35 +110,6 @@ def diagnose(
     return results, records, list_records
 
 
-@dataclass
-class EvalSet:
-    """One set of rows to evaluate, with its groups when they come tokenized already (a run's held-out share)."""
-
-    name: str
-    rows: list[dict[str, Any]]
-    groups: list[Group] | None = None
-
-
-def run_eval_sets(run: Path) -> tuple[list[EvalSet], int, str]:
-    """The eval sets of a finished run, read as its recipe reads them: each data.eval source, or the rows
-    data.eval_fraction held out (re-drawn with the run's seed). Returns them, max_length and truncation."""
-    from rmtrain.config import load_recipe
-    from rmtrain.data import read_splits, source_labels
-
-    recipe_file = run / "recipe.yaml"
-    if not recipe_file.is_file():
-        raise DataError(f"{run}: not a run folder (no recipe.yaml), so it has no eval set of its own; pass --data PAIRS")
-    recipe = load_recipe(recipe_file)
-    data = recipe.data
-    if data.eval is None and not data.eval_fraction:
-        raise DataError(f"{run}: the run has no eval set (data.eval or data.eval_fraction); pass --data PAIRS")
-    splits = read_splits(data)
-    if data.eval is not None:
-        labels = source_labels(splits["eval"]) if len(splits["eval"]) > 1 else [splits["eval"][0].name]
-        return [EvalSet(label, part.rows) for label, part in zip(labels, splits["eval"])], data.max_length, data.truncation
-    return [EvalSet("held out of " + ", ".join(p.name for p in splits["train"]), [], None)], data.max_length, data.truncation
-
-
 def run_eval(
     model_path: str,
     data_path: str | None,
@@ -160,42 +129,44 @@ def run_eval(
     Batches hold at most 2 * `batch_size` sequences and `max_tokens_per_forward` tokens ("auto": as
     `inference_tokens_per_forward` chooses), built as fit's periodic eval builds them.
     """
-    accelerator = inference_accelerator()
-    log = log or RunLog(enabled=accelerator.is_main_process)
     folder_kind(Path(model_path))
-    # The data next: its mistakes are reported before the model takes its time to load.
+    # The data first, then the tokenizer and tokenizing, then the weights: a mistake in the data is reported before
+    # the model takes its time to load.
+    run = None
     if data_path is not None:
         rows, name = read_rows(DataSource(path=data_path, split=split))
         sets = [EvalSet(name, rows)]
-        trained = None
     else:
-        sets, trained, run_truncation = run_eval_sets(Path(model_path))
-        truncation = run_truncation if truncation is None else truncation
-    truncation = truncation or "filter"
+        run = RunData(Path(model_path))
+        if not run.has_eval:
+            raise DataError(f"{model_path}: the run has no eval set (data.eval or data.eval_fraction); pass --data PAIRS")
+        sets = [EvalSet(part.name, part.rows) for part in run.splits.get("eval", [])]
     for part in sets:
         check_single_shape(part.rows, part.name)
+    text = load_saved_text(model_path)
+    if run is not None:
+        sets = run.eval_sets(text.tokenizer, text.fmt, max_length, truncation)
+        max_length, truncation = max_length or run.data.max_length, truncation or run.data.truncation
+    max_length, truncation = scoring_max_length(max_length, text.max_length), truncation or "filter"
     subsets_from = [subset_column(part.rows, part.name, subset_field) for part in sets]
-    rm, trained_max_length = load_saved(model_path)
-    max_length = max_length or trained or trained_max_length or 1024
-    if sets[0].groups is None and not sets[0].rows:  # a run's eval_fraction: its held-out rows, as fit drew them
-        sets = held_out_set(Path(model_path), rm, sets[0].name)
-    layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
-    if max_tokens_per_forward == "auto":
-        max_tokens_per_forward = inference_tokens_per_forward(rm.model, accelerator.device)
-    model = accelerator.prepare(rm.model)
+    for part in sets:
+        if part.groups is None:
+            part.groups, part.stats = tokenize_rows(part.rows, part.name, text.tokenizer, text.fmt, max_length, truncation)
+    rm, _ = load_saved(model_path, text=text)
+    inference = prepare_inference(rm, max_tokens_per_forward, 2 * batch_size)
+    is_main = inference.accelerator.is_main_process
+    log = log or RunLog(enabled=is_main)
     everything = {}
     for index, part in enumerate(sets):
-        if part.groups is None:
-            groups, stats = tokenize_rows(part.rows, part.name, rm.tokenizer, rm.fmt, max_length, truncation)
-            log.info(stats.line(truncation, max_length))
-            kind, read = stats.kind, stats.read
-        else:
-            groups, kind, read = part.groups, "lists" if any(g.scores is not None for g in part.groups) else "pairs", len(part.groups)
+        groups = part.groups
+        if part.stats is not None:
+            log.info(part.stats.line(truncation, max_length))
+        kind = "lists" if any(g.scores is not None for g in groups) else "pairs"
+        read = part.stats.read if part.stats is not None else len(groups)
         if not groups:
             raise DataError(f"{part.name}: no pairs left to evaluate (see the line above); try --truncation truncate")
         start = time.perf_counter()
-        scored = inference_set(accelerator, groups, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens_per_forward)
-        metrics, per_pair = evaluate_pairs(accelerator, model, rm, scored)
+        metrics, per_pair = evaluate_pairs(inference, inference_set(inference, groups))
         seconds = time.perf_counter() - start
         metrics[f"num_{kind}_read"] = read
         metrics["seconds"] = seconds
@@ -203,7 +174,7 @@ def run_eval(
         details, records, list_records = diagnose(per_pair, groups, part.rows, part.name, subsets_from[index])
         results = {**metrics, **details}
         everything[part.name] = results
-        if accelerator.is_main_process:
+        if is_main:
             from rmtrain.report import print_results, write_report
 
             print_results(log, f"eval: {model_path} on {part.name}", results)
@@ -213,21 +184,8 @@ def run_eval(
                 extra = ", lists.jsonl" if list_records else ""
                 log.info(f"report: {folder} (metrics.json, pairs.jsonl{extra}, reward_histogram.png, reliability.png, reward_vs_length.png)")
     results = next(iter(everything.values())) if len(everything) == 1 else {"sources": everything}
-    if accelerator.is_main_process and json_out:
+    if is_main and json_out:
         from rmtrain.report import strict_json
 
         Path(json_out).write_text(strict_json(results) + "\n")
     return results
-
-
-def held_out_set(run: Path, rm, name: str) -> list[EvalSet]:
-    """The pairs data.eval_fraction held out of a run's training data, drawn as fit drew them."""
-    from rmtrain.config import load_recipe
-    from rmtrain.data import load_groups, read_splits
-
-    recipe = load_recipe(run / "recipe.yaml")
-    splits = read_splits(recipe.data)
-    _, held_out, _ = load_groups(recipe.data, rm.tokenizer, rm.fmt, recipe.train.seed, splits)
-    rows = splits["train"][0].rows if len(splits["train"]) == 1 else []
-    skip = splits["train"][0].source.skip
-    return [EvalSet(name, rows, [replace(g, row=g.row - skip) for g in held_out] if rows else held_out)]

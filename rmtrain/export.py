@@ -27,17 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtrain.batching import choose_layout
-from rmtrain.budget import inference_tokens_per_forward
 from rmtrain.config import DataSource
-from rmtrain.data import Group, tokenize_rows
-from rmtrain.engine import inference_accelerator
 from rmtrain.errors import ExportError, ModelError
+from rmtrain.groups import Group, tokenize_rows
+from rmtrain.inference import prepare_inference, rewards_of
 from rmtrain.log import RunLog
 from rmtrain.model import RewardModel
-from rmtrain.saved import folder_kind, load_saved, save_model_folder
-from rmtrain.scoring import group_rewards, inference_set
+from rmtrain.rows import check_single_shape
+from rmtrain.saved import atomic_folder, folder_kind, load_saved, save_model_folder, scoring_max_length
 from rmtrain.sources import read_rows
+from rmtrain.splits import RunData
 from rmtrain.tokenizer import TokenFormat, choose_pad_token, special_token_frame
 
 STATS_FILE = "reward_stats.json"
@@ -67,40 +66,21 @@ class Reference:
 
 
 def reference_pairs(run_dir: Path, data_path: str | None, rm: RewardModel, max_length: int) -> Reference | None:
-    """--data, else the run's eval pairs, else the first pairs of its training data; None without a recipe."""
-    from rmtrain.config import load_recipe
-    from rmtrain.data import check_single_shape, load_groups, read_splits
-
+    """--data, else the run's eval pairs (rmtrain.splits.RunData, as `rmtrain eval` reads them), else the first pairs
+    of its training data; None for a folder that is not a run."""
     if data_path is not None:
         rows, name = read_rows(DataSource(path=data_path))
         check_single_shape(rows, name)
         pairs, _ = tokenize_rows(rows, name, rm.tokenizer, rm.fmt, max_length, "filter")
         return Reference(name, "--data", rows, pairs)
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.is_file():
+    if not (run_dir / "recipe.yaml").is_file():
         return None
-    recipe = load_recipe(recipe_file)
-    data = recipe.data
-    splits = read_splits(data)
-    train, eval_pairs, _ = load_groups(data, rm.tokenizer, rm.fmt, recipe.train.seed, splits)
-    if eval_pairs:
-        split, pairs, what = ("eval" if data.eval else "train"), eval_pairs, "the run's eval pairs"
-    else:
-        split, pairs = "train", train[:TRAIN_REFERENCE_PAIRS]
-        what = f"the run has no eval set: the first {len(pairs)} pairs of its training data"
-    parts = splits[split]
-    # Statistics over every source's pairs; the check re-reads whole rows of the first source.
-    return Reference(", ".join(part.name for part in parts), what, parts[0].rows, pairs)
-
-
-def rewards_of(rm: RewardModel, groups: list[Group], batch_size: int = 16) -> list[torch.Tensor]:
-    """Each group's completion rewards, in their order, computed as `rmtrain eval` computes them."""
-    accelerator = inference_accelerator()
-    layout, mask_format, _ = choose_layout(rm, share_prefix=True, padding_free=False)
-    max_tokens = inference_tokens_per_forward(rm.model, accelerator.device)
-    model = accelerator.prepare(rm.model)
-    scored = inference_set(accelerator, groups, layout, mask_format, rm.fmt.pad_token_id, 2 * batch_size, max_tokens)
-    return group_rewards(accelerator, model, rm, scored)
+    run = RunData(run_dir)
+    sets = run.eval_sets(rm.tokenizer, rm.fmt)
+    if sets:  # statistics over every source's pairs; the check re-reads whole rows of the first source
+        return Reference(", ".join(s.name for s in sets), "the run's eval pairs", sets[0].rows, [g for s in sets for g in s.groups])
+    train = run.train_pairs(rm.tokenizer, rm.fmt, TRAIN_REFERENCE_PAIRS)
+    return Reference(train.name, f"the run has no eval set: the first {len(train.groups)} pairs of its training data", train.rows, train.groups)
 
 
 def reward_statistics(rewards: torch.Tensor, name: str) -> dict[str, Any]:
@@ -240,7 +220,7 @@ def export_model(
         raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
     # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
     rm, max_length = load_saved(run, dtype=torch.float32)
-    max_length = max_length or 1024
+    max_length = scoring_max_length(None, max_length)
     model = rm.model
     is_adapter = hasattr(model, "merge_and_unload")
     if getattr(getattr(model, "config", None), "num_labels", 1) != 1:
@@ -254,7 +234,8 @@ def export_model(
         name, rows, pairs = reference.name, reference.rows, reference.pairs
         if not pairs:
             raise ExportError(f"{name}: no pairs left for the reward statistics (all filtered by length?)")
-        stats = reward_statistics(torch.cat(rewards_of(rm, pairs)), name) | {"pairs_from": reference.what}
+        inference = prepare_inference(rm, max_sequences=32)
+        stats = reward_statistics(torch.cat(rewards_of(inference, pairs)), name) | {"pairs_from": reference.what}
         log.info(
             f"reward statistics over {stats['num_rewards']} rewards of {name} ({reference.what}): "
             f"mean {stats['mean']:.4f}, std {stats['std']:.4f}"
@@ -263,7 +244,7 @@ def export_model(
         whole, _ = tokenize_rows(rows[: 4 * check_pairs], name, rm.tokenizer, rm.fmt, max_length, "filter")
         whole = [g for g in whole if len(g.completions) == len(rows[g.row].get("completions", "ab"))][:check_pairs]
         if whole:
-            check_sample = (check_inputs(rows, whole), torch.cat(rewards_of(rm, whole)).double())
+            check_sample = (check_inputs(rows, whole), torch.cat(rewards_of(inference, whole)).double())
     if normalize and stats is None:
         raise ExportError(f"--normalize: {run_dir} is not a run (no recipe.yaml) and no --data was given; pass --data PAIRS.jsonl")
     if check and check_sample is None:
@@ -286,32 +267,23 @@ def export_model(
         )
     saved_fmt = TokenFormat(None if eos_in_tokenizer else fmt.append_eos, fmt.pad_token_id, fmt.is_encoder)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     format_extra = {"eos_added_by_tokenizer": fmt.append_eos if eos_in_tokenizer else None, "normalized": normalize}
-    try:
+    with atomic_folder(out) as tmp:
         save_model_folder(model, None, rm.tokenizer, saved_fmt, max_length, tmp, **format_extra)
         if stats is not None:
             (tmp / STATS_FILE).write_text(json.dumps(stats | {"folded_into_head": normalize}, indent=2) + "\n")
-        worst = check_folder(tmp, out, check_sample if check else None, stats if normalize else None, log)
-    except ExportError as error:
-        if tmp.exists():  # plain transformers could not even load it: keep it for inspection
+        try:
+            worst = check_folder(tmp, check_sample if check else None, stats if normalize else None, log)
+        except ExportError as error:  # the folder is kept for inspection
             failed = out.with_name(out.name + ".failed")
             shutil.rmtree(failed, ignore_errors=True)
             tmp.rename(failed)
             raise ExportError(f"{error}; {out} not written, the folder is kept in {failed}") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write leaves nothing half-written behind
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     log.info(f"exported {run_dir} to {out}")
     return {"out": out, "stats": stats, "check_max_abs_diff": worst}
 
 
-def check_folder(tmp: Path, out: Path, check_sample: tuple | None, folded_stats: dict | None, log: RunLog) -> float | None:
+def check_folder(tmp: Path, check_sample: tuple | None, folded_stats: dict | None, log: RunLog) -> float | None:
     """Plain transformers' rewards from the written folder vs rmtrain's from the run: the max abs difference."""
     worst = None
     if check_sample is not None:
@@ -322,9 +294,6 @@ def check_folder(tmp: Path, out: Path, check_sample: tuple | None, folded_stats:
         worst = (theirs - ours).abs().max().item()
         line = f"export check: plain transformers vs rmtrain on {len(inputs)} rewards: max abs difference {worst:.2e}"
         if not worst <= CHECK_TOLERANCE:
-            failed = out.with_name(out.name + ".failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            tmp.rename(failed)
-            raise ExportError(f"{line} > {CHECK_TOLERANCE:g}; {out} not written, the folder is kept in {failed} for inspection")
+            raise ExportError(f"{line} > {CHECK_TOLERANCE:g}")
         log.info(line + f" (limit {CHECK_TOLERANCE:g})")
     return worst

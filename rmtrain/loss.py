@@ -92,6 +92,11 @@ class Objective:
         return total, chosen, rejected, loss
 
 
+def correct(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair outcome: the chosen reward is strictly higher (a tie counts as wrong, as in RewardBench)."""
+    return chosen > rejected
+
+
 def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
     """Metrics over every pair given (already gathered across processes).
 
@@ -104,7 +109,7 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor)
     rewards = torch.cat([chosen, rejected])
     return {
         "loss": loss.detach().double().mean().item(),
-        "accuracy": (chosen > rejected).double().mean().item(),
+        "accuracy": correct(chosen, rejected).double().mean().item(),
         "margin": (chosen - rejected).mean().item(),
         "mean_reward": rewards.mean().item(),
         "std_reward": rewards.std(unbiased=False).item(),

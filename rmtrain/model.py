@@ -69,23 +69,18 @@ def find_head_name(model: nn.Module, is_encoder: bool) -> str:
     raise ModelError(f"{type(model).__name__}: no reward head named 'score' or 'classifier' found")
 
 
-def load_reward_model(
-    mc: ModelConfig,
-    lora: LoraConfig | None = None,
-    gradient_checkpointing: bool = False,
-) -> RewardModel:
-    """Base model with a one-logit head (+ LoRA), its tokenizer, and the text format it is trained on."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_text_side(mc: ModelConfig, max_length: int | None = None) -> tuple[Any, TokenFormat]:
+    """The tokenizer and the token format a recipe's model reads text with (loaded before the weights, so that data is
+    tokenized, and its mistakes reported, before the model takes its time to load); `max_length` (data.max_length)
+    is checked against the positions the model has."""
+    from transformers import AutoConfig
 
-    kwargs = mc.from_pretrained_kwargs()
     local = Path(mc.name_or_path).expanduser()
     looks_local = mc.name_or_path.startswith((".", "/", "~")) or mc.name_or_path.count("/") > 1
     if looks_local and not local.is_dir():
         raise ModelError(f"model.name_or_path: {mc.name_or_path}: no such folder; give a local model folder or a Hub id")
     if mc.gguf_file:
         check_gguf_file(mc.gguf_file, local if local.is_dir() else None)
-    if lora is not None and lora.init_from:
-        check_adapter_folder(lora.init_from)
     try:
         config = AutoConfig.from_pretrained(mc.name_or_path, **mc.source_kwargs())
     except (OSError, ValueError) as error:
@@ -96,8 +91,36 @@ def load_reward_model(
             f"({_hub_problem(error)}); give a local model folder, or fix the Hub id and make the Hub reachable"
         ) from None
     is_encoder = is_encoder_config(config)
+    positions = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "max_position_embeddings", None)
+    if max_length is not None and positions and max_length > positions:
+        raise ModelError(
+            f"data.max_length: {max_length} is longer than the {positions} positions {mc.name_or_path} has "
+            f"(max_position_embeddings); set data.max_length: {positions} or lower"
+        )
     tokenizer = load_tokenizer(mc, is_encoder)
+    fmt = TokenFormat(
+        append_eos=None if is_encoder or tokenizer.eos_token is None else tokenizer.eos_token,
+        pad_token_id=tokenizer.pad_token_id,
+        is_encoder=is_encoder,
+    )
+    return tokenizer, fmt
 
+
+def load_reward_model(
+    mc: ModelConfig,
+    lora: LoraConfig | None = None,
+    gradient_checkpointing: bool = False,
+    text: tuple[Any, TokenFormat] | None = None,
+) -> RewardModel:
+    """Base model with a one-logit head (+ LoRA), its tokenizer, and the text format it is trained on (`text`: the
+    tokenizer side, when `load_text_side` loaded it already)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, fmt = text or load_text_side(mc)
+    is_encoder = fmt.is_encoder
+    kwargs = mc.from_pretrained_kwargs()
+    if lora is not None and lora.init_from:
+        check_adapter_folder(lora.init_from)
     model = AutoModelForSequenceClassification.from_pretrained(mc.name_or_path, num_labels=1, **kwargs)
     clear_gguf_quantization(model)
     weights_dtype = model.dtype
@@ -124,11 +147,6 @@ def load_reward_model(
         if mc.disable_dropout:
             disable_dropout(model)
 
-    fmt = TokenFormat(
-        append_eos=None if is_encoder or tokenizer.eos_token is None else tokenizer.eos_token,
-        pad_token_id=tokenizer.pad_token_id,
-        is_encoder=is_encoder,
-    )
     head = head_module(model, head_name)
     run_in_fp32(head)
     return RewardModel(model, tokenizer, fmt, head, head_name, weights_dtype)

@@ -13,16 +13,17 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rmtrain.config import Recipe
 from rmtrain.embedding import plain_state_dict, restore_full_embedding
 from rmtrain.engine import is_sharded, unpartitioned_loading
 from rmtrain.errors import ResourceError, RunDirError, first_line
 from rmtrain.log import RunLog, truncate_metrics_file
-from rmtrain.saved import merged_from_disk, save_model_folder
+from rmtrain.saved import atomic_folder, merged_from_disk, put_in_place, save_model_folder, temporary_folder
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -37,6 +38,8 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0
     skipped_steps: int = 0
+    skipped_in_a_row: int = 0
+    """Steps skipped since the last kept one (a run stops at train.max_nonfinite_steps; a checkpoint is only taken at 0)."""
     seen_embedding_rows: int | None = None
     """How many embedding rows train (`train.embedding_rows: seen`), None for all: a resume must match."""
     best_step: int | None = None
@@ -125,25 +128,20 @@ def latest_checkpoint(out: Path, log: RunLog | None = None) -> Path | None:
 
 
 def save_checkpoint(accelerator, out: Path, state: TrainState, limit: int | None) -> Path:
-    """Model/adapter, optimizer, scheduler, RNG and `state`, written under a temporary name and renamed."""
-    root = out / "checkpoints"
-    final = root / f"checkpoint-{state.step}"
-    tmp = root / f".checkpoint-{state.step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
+    """Model/adapter, optimizer, scheduler, RNG and `state`, written by every process into a temporary folder the
+    main one then puts in place."""
+    final = out / "checkpoints" / f"checkpoint-{state.step}"
+    tmp = final.parent / f".{final.name}.tmp"
+    with write_failures(f"checkpoint-{state.step}", out, tmp):
+        if accelerator.is_main_process:
+            temporary_folder(final)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
-    except Exception as error:
-        raise_if_write_failed(error, f"checkpoint-{state.step}", tmp, out)
-        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        put_in_place(tmp, final)
         if limit:
             for old in complete_checkpoints(out)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -186,31 +184,16 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     if not accelerator.is_main_process:
         return
     max_length = recipe.data.max_length
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with write_failures("the final model", out), atomic_folder(out, merge_into=True) as tmp:
         save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp, dtype=rm.weights_dtype)
         shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
-    except Exception as error:
-        raise_if_write_failed(error, "the final model", tmp, out)
-        raise
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    tmp.rmdir()
     if recipe.lora is not None and recipe.lora.merge:
-        merged_tmp = out / ".merged.tmp"
-        shutil.rmtree(merged_tmp, ignore_errors=True)
         # The adapter just written, merged in fp32 on the CPU (sharded parameters cannot be merged in place), written
         # in the base's dtype.
-        try:
+        with write_failures("the merged model", out), atomic_folder(out / "merged") as tmp:
             with unpartitioned_loading(accelerator):
                 merged = merged_from_disk(out)
-            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, merged_tmp, dtype=rm.weights_dtype)
-        except Exception as error:
-            raise_if_write_failed(error, "the merged model", merged_tmp, out)
-            raise
-        shutil.rmtree(out / "merged", ignore_errors=True)
-        os.replace(merged_tmp, out / "merged")
+            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, tmp, dtype=rm.weights_dtype)
 
 
 class BestModel:
@@ -244,17 +227,10 @@ def save_best(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     if recipe.lora is None or is_sharded(accelerator):
         state_dict = plain_state_dict(unwrapped, accelerator.get_state_dict(model))  # a collective under FSDP/DeepSpeed
     if accelerator.is_main_process:
-        tmp, best = out / ".best.tmp", out / "best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with write_failures("the best model", out), atomic_folder(out / "best") as tmp:
             save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, recipe.data.max_length, tmp, dtype=rm.weights_dtype)
             # As in the final folder: an adapter is loaded over the base the recipe names (a gguf file, a revision).
             shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
-        except Exception as error:
-            raise_if_write_failed(error, "the best model", tmp, out)
-            raise
-        shutil.rmtree(best, ignore_errors=True)
-        os.replace(tmp, best)
     accelerator.wait_for_everyone()
 
 
@@ -262,22 +238,27 @@ def save_best(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
 WRITE_FAILURES = ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded", "file write failed")
 
 
-def raise_if_write_failed(error: BaseException, what: str, tmp: Path, out: Path) -> None:
-    """A save that failed for lack of space (or any OS write error) becomes one clear line; the partial
-    folder is removed, and the newest complete checkpoint, which was never touched, is named."""
-    if isinstance(error, OSError):
-        reason = error.strerror or str(error)
-        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-    elif any(pattern in str(error) for pattern in WRITE_FAILURES):
-        reason, full = first_line(error), True
-    else:
-        return
-    shutil.rmtree(tmp, ignore_errors=True)
-    previous = latest_checkpoint(out)
-    fix = "free space" if full else "fix the folder"
-    kept = (
-        f"the newest complete checkpoint {previous} is intact: {fix} and run again with --resume"
-        if previous is not None
-        else f"no checkpoint was written before it: {fix} and run again"
-    )
-    raise ResourceError(f"train.output_dir: could not write {what} in {out} ({reason}); {kept}") from None
+@contextmanager
+def write_failures(what: str, out: Path, tmp: Path | None = None) -> Iterator[None]:
+    """A save that fails for lack of space (or any OS write error) becomes one clear line naming the newest complete
+    checkpoint, which was never touched (`tmp`: a partial folder to remove first; `atomic_folder` removes its own)."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, OSError):
+            reason = error.strerror or str(error)
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        elif any(pattern in str(error) for pattern in WRITE_FAILURES):
+            reason, full = first_line(error), True
+        else:
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out)
+        fix = "free space" if full else "fix the folder"
+        kept = (
+            f"the newest complete checkpoint {previous} is intact: {fix} and run again with --resume"
+            if previous is not None
+            else f"no checkpoint was written before it: {fix} and run again"
+        )
+        raise ResourceError(f"train.output_dir: could not write {what} in {out} ({reason}); {kept}") from None

@@ -8,7 +8,12 @@ transformers loads a full folder as it is; rmtrain loads both.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -36,6 +41,40 @@ def folder_kind(path: Path, what: str = "model folder") -> str:
     raise ModelError(f"{path}: {why}")
 
 
+def temporary_folder(target: Path, inside: bool = False) -> Path:
+    """An empty folder to write `target` into: `.NAME.tmp` beside it, or `.partial.tmp` inside it (`inside`: for files
+    that join a folder that already exists)."""
+    tmp = target / ".partial.tmp" if inside else target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def put_in_place(tmp: Path, target: Path, merge_into: bool = False) -> None:
+    """`tmp`, written whole, takes `target`'s place by a rename (`merge_into`: its files are moved into the existing
+    `target` one by one, as the final model joins its run folder): nothing is ever half-written under `target`'s name."""
+    if merge_into:
+        for item in tmp.iterdir():
+            os.replace(item, target / item.name)
+        tmp.rmdir()
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_folder(target: Path, merge_into: bool = False) -> Iterator[Path]:
+    """A folder to write `target` into, put in place when the block ends and removed if it raises: the one
+    write-then-rename of run folders, checkpoints, best, merged and exported models."""
+    tmp = temporary_folder(target, inside=merge_into)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    put_in_place(tmp, target, merge_into)
+
+
 def save_model_folder(
     model: nn.Module, state_dict: dict | None, tokenizer, fmt: TokenFormat, max_length: int, directory: str | Path,
     dtype: torch.dtype | None = None, **extra
@@ -60,12 +99,28 @@ def save_model_folder(
     save_format(directory, fmt, max_length, **extra)
 
 
-def load_saved(path: str | Path, dtype: torch.dtype | None = None) -> tuple[RewardModel, int | None]:
-    """A model folder (full or LoRA adapter) written by rmtrain or plain transformers, ready to score.
+DEFAULT_MAX_LENGTH = 1024
 
-    Returns the model and the max_length it was trained with (None if unknown).
-    """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+def scoring_max_length(requested: int | None, trained: int | None) -> int:
+    """The max_length texts are cut to: the one asked for, else the one the model was trained with, else 1024."""
+    return requested or trained or DEFAULT_MAX_LENGTH
+
+
+@dataclass
+class SavedText:
+    """How a saved folder turns text into ids: its tokenizer, token format and trained max_length (None if unknown);
+    loaded before the weights, so that data is read and tokenized before the model takes its time to load."""
+
+    tokenizer: Any
+    fmt: TokenFormat
+    max_length: int | None
+    format_extra: dict[str, Any]
+    """The rest of rmtrain_format.json (e.g. export's `eos_added_by_tokenizer`)."""
+
+
+def load_saved_text(path: str | Path) -> SavedText:
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     kind = folder_kind(path)
@@ -74,31 +129,47 @@ def load_saved(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Rewa
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises many types; what matters is that there is no tokenizer
         raise ModelError(f"{path}: holds a model but no tokenizer transformers can load ({first_line(error)})") from None
-    try:
-        if kind == "adapter":
-            model = _load_adapter(path, dtype)
-            config = model.get_base_model().config
-        else:
-            config = AutoConfig.from_pretrained(str(path))
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:  # a base model that moved, an offline Hub, a bad config
-        what = "its base model (recipe.yaml or adapter_config.json)" if kind == "adapter" else "the model"
-        raise ModelError(f"{path}: cannot load {what}: {first_line(error)}") from None
-    is_encoder = saved_format.get("is_encoder", is_encoder_config(config))
     if tokenizer.pad_token is None:
         raise ModelError(f"{path}: the tokenizer has no pad token")
+    is_encoder = saved_format.get("is_encoder")
+    if is_encoder is None:  # a folder plain transformers wrote (an adapter always has rmtrain's format)
+        try:
+            is_encoder = kind == "model" and is_encoder_config(AutoConfig.from_pretrained(str(path)))
+        except Exception as error:  # noqa: BLE001 -- a bad config.json: one line
+            raise ModelError(f"{path}: cannot read config.json: {first_line(error)}") from None
     fmt = TokenFormat(
         append_eos=saved_format.get("append_eos", None if is_encoder else tokenizer.eos_token),
         pad_token_id=tokenizer.pad_token_id,
         is_encoder=is_encoder,
     )
+    return SavedText(tokenizer, fmt, saved_format.get("max_length"), saved_format)
+
+
+def load_saved(path: str | Path, dtype: torch.dtype | None = None, text: SavedText | None = None) -> tuple[RewardModel, int | None]:
+    """A model folder (full or LoRA adapter) written by rmtrain or plain transformers, ready to score (`text`: its
+    tokenizer side, when loaded already). Returns the model and the max_length it was trained with (None if unknown).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = Path(path)
+    kind = folder_kind(path)
+    text = text or load_saved_text(path)
+    try:
+        if kind == "adapter":
+            model = _load_adapter(path, dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    except Exception as error:  # noqa: BLE001 -- a truncated weights file, a moved base model, an offline Hub: one line
+        what = "its base model (recipe.yaml or adapter_config.json)" if kind == "adapter" else "the model"
+        raise ModelError(f"{path}: cannot load {what}: {first_line(error)}") from None
     model.eval()
-    head_name = find_head_name(model.get_base_model() if hasattr(model, "get_base_model") else model, is_encoder)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head_name = find_head_name(base, text.fmt.is_encoder)
     head = head_module(model, head_name)
-    weights_dtype = (model.get_base_model() if hasattr(model, "get_base_model") else model).dtype
+    weights_dtype = base.dtype
     run_in_fp32(head)  # as in training: the rewards of a bf16 folder are read by an fp32 head
     autocast = weights_dtype if weights_dtype in (torch.bfloat16, torch.float16) else None
-    return RewardModel(model, tokenizer, fmt, head, head_name, weights_dtype, autocast), saved_format.get("max_length")
+    return RewardModel(model, text.tokenizer, text.fmt, head, head_name, weights_dtype, autocast), text.max_length
 
 
 def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:

@@ -33,14 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate.utils import send_to_device
 
-from rmtrain.batching import choose_layout, inference_loader
-from rmtrain.data import Group, check_messages, completion_texts, encode_whole_texts
 from rmtrain.errors import DataError, UserError
-from rmtrain.faults import is_out_of_memory
-from rmtrain.model import RewardModel, batch_rewards
-from rmtrain.tokenizer import special_token_frame
+from rmtrain.groups import Group, scoring_ids
+from rmtrain.inference import Inference, batches, prepare_inference, score_batches
+from rmtrain.model import RewardModel
+from rmtrain.rows import check_texts, score_group
 
 
 class BadRequest(ValueError):
@@ -70,76 +68,39 @@ class Scoring:
 
 
 class Tokens:
-    """Texts -> token ids exactly as `rmtrain score` makes them (rmtrain.data.completion_texts), cut from the
-    left beyond `max_length`."""
+    """Texts -> token ids exactly as `rmtrain score` makes them (rmtrain.groups.scoring_ids), cut from the left beyond
+    `max_length`."""
 
     def __init__(self, rm: RewardModel, max_length: int):
         self.rm = rm
         self.max_length = max_length
-        self.frame = special_token_frame(rm.tokenizer)
 
-    def group(self, prompt: Any, completions: list[Any], where: str) -> tuple[Group, list[bool]]:
+    def groups(self, requests: list[tuple[Any, list[Any], str]]) -> tuple[list[Group], list[list[bool]]]:
         try:
-            texts, add_special = completion_texts(prompt, completions, where, self.rm.tokenizer, self.rm.fmt)
-            ids, cut = encode_whole_texts(texts, add_special, self.rm.tokenizer, self.rm.fmt, self.max_length, self.frame, [where] * len(texts))
+            encoded = scoring_ids(requests, self.rm.tokenizer, self.rm.fmt, self.max_length)
         except DataError as error:
             raise BadRequest(str(error)) from None
-        return Group.of(0, ids, []), cut
+        return [Group.of(0, ids, []) for ids, _ in encoded], [cut for _, cut in encoded]
 
 
-def _completion(value: Any, where: str, shape: str | None) -> str:
-    """The shape of one completion ("text" or "messages"), checked; all of a group must share one."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise BadRequest(f"{where}: empty text")
-        kind = "text"
-    elif isinstance(value, list):
-        try:
-            check_messages(value, where)
-        except DataError as error:
-            raise BadRequest(str(error)) from None
-        kind = "messages"
-    else:
-        raise BadRequest(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
-    if shape is not None and kind != shape:
-        raise BadRequest(f"{where}: is {kind} but the prompt or an earlier completion is {shape}; use one shape per group")
-    return kind
-
-
-def parse_group(body: Any, where: str, tokens: Tokens) -> tuple[Group, list[bool]]:
-    if not isinstance(body, dict):
-        raise BadRequest(f"{where or 'body'}: expected an object with 'prompt' and 'completions'")
-    prefix = f"{where}." if where else ""
-    if "prompt" not in body:
-        raise BadRequest(f"{prefix}prompt: missing (a string or a list of messages)")
-    prompt, completions = body["prompt"], body.get("completions")
-    shape = None
-    if isinstance(prompt, str):
-        shape = "text"
-    elif isinstance(prompt, list):
-        if prompt:
-            _completion(prompt, f"{prefix}prompt", None)
-        shape = "messages"
-    else:
-        raise BadRequest(f"{prefix}prompt: expected a string or a list of messages, got {type(prompt).__name__}")
-    if not isinstance(completions, list) or not completions:
-        got = "missing" if completions is None else f"got {type(completions).__name__}" if not isinstance(completions, list) else "got an empty list"
-        raise BadRequest(f"{prefix}completions: expected a non-empty list of completions, {got}")
-    for i, completion in enumerate(completions):
-        _completion(completion, f"{prefix}completions[{i}]", shape)
-    return tokens.group(prompt, completions, f"{prefix}completions")
+def checked(check, *args):
+    """rmtrain.rows' check of a request's part, its DataError a 400."""
+    try:
+        return check(*args)
+    except DataError as error:
+        raise BadRequest(str(error)) from None
 
 
 def parse_score(body: Any, tokens: Tokens) -> Scoring:
-    """A /score body: one group, or `groups`."""
+    """A /score body: one group `{"prompt", "completions"}`, or `{"groups": [such objects]}`; each checked as
+    `rmtrain score` checks a row."""
     if isinstance(body, dict) and "groups" in body:
         groups = body["groups"]
         if not isinstance(groups, list) or not groups:
             raise BadRequest("groups: expected a non-empty list of {prompt, completions} objects")
-        parsed = [parse_group(g, f"groups[{i}]", tokens) for i, g in enumerate(groups)]
-        return Scoring([g for g, _ in parsed], [cut for _, cut in parsed], nested=True)
-    group, cut = parse_group(body, "", tokens)
-    return Scoring([group], [cut])
+        requests = [(*checked(score_group, g, f"groups[{i}]"), f"groups[{i}]") for i, g in enumerate(groups)]
+        return Scoring(*tokens.groups(requests), nested=True)
+    return Scoring(*tokens.groups([(*checked(score_group, body, "body"), "body")]))
 
 
 def parse_get_reward(body: Any, tokens: Tokens) -> Scoring:
@@ -147,16 +108,11 @@ def parse_get_reward(body: Any, tokens: Tokens) -> Scoring:
     queries = body.get("query") if isinstance(body, dict) else None
     if not isinstance(queries, list) or not queries:
         raise BadRequest("query: expected a non-empty list of strings")
-    groups, cuts = [], []
     for i, query in enumerate(queries):
         if not isinstance(query, str):
             raise BadRequest(f"query[{i}]: expected a string, got {type(query).__name__}")
-        if not query.strip():
-            raise BadRequest(f"query[{i}]: empty text")
-        group, cut = tokens.group(None, [query], f"query[{i}]")
-        groups.append(group)
-        cuts.append(cut)
-    return Scoring(groups, cuts)
+        checked(check_texts, None, [(f"query[{i}]", query)], "body")
+    return Scoring(*tokens.groups([(None, [query], f"query[{i}]") for i, query in enumerate(queries)]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,10 +130,13 @@ class Rounds:
     the requests that arrive within `max_wait_s` of then (those still being parsed when the window ends are waited
     for, up to `max_wait_s` more), or fewer once there is one job per open connection (`open_connections`, the
     HTTP server's count: a connection has one request at a time, so waiting longer would only leave the model
-    idle)."""
+    idle). `clock` is injectable: the tests move time by hand."""
 
-    def __init__(self, max_wait_s: float, open_connections: Callable[[], int] | None = None):
-        self.max_wait_s, self.open_connections = max_wait_s, open_connections
+    POLL_S = 0.05
+    """How often a gathering round looks at the clock while no job comes."""
+
+    def __init__(self, max_wait_s: float, open_connections: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.max_wait_s, self.open_connections, self.clock = max_wait_s, open_connections, clock
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.arrivals: dict[int, float] = {}  # requests received and not yet submitted (being read or parsed): when
         self.arrivals_lock, self.arrival_keys = threading.Lock(), itertools.count()
@@ -192,7 +151,7 @@ class Rounds:
         """Held by a request from its arrival until its job is submitted (or it fails)."""
         key = next(self.arrival_keys)
         with self.arrivals_lock:
-            self.arrivals[key] = time.monotonic()
+            self.arrivals[key] = self.clock()
         try:
             yield
         finally:
@@ -209,11 +168,11 @@ class Rounds:
         first = self.jobs.get()
         if first is None:
             return [], True
-        jobs, window_end = [first], time.monotonic() + self.max_wait_s
+        jobs, window_end = [first], self.clock() + self.max_wait_s
         while self.open_connections is None or len(jobs) < self.open_connections():
-            now = time.monotonic()
+            now = self.clock()
             if now < window_end:
-                timeout = window_end - now
+                timeout = min(window_end - now, self.POLL_S)
             elif now < window_end + self.max_wait_s and self._arrived_by(window_end):
                 timeout = 0.001  # one is being parsed; look again shortly, as its parsing may also fail
             else:
@@ -235,13 +194,11 @@ class Rounds:
 
 
 class Scorer:
-    """The worker that owns the model: it takes `rounds` of jobs, scores them in batches of at most `max_sequences`
-    sequences and `max_tokens` tokens, and answers each job."""
+    """The worker that owns the model: it takes `rounds` of jobs, scores them in batches (rmtrain.inference: the
+    batches and the loop `rmtrain score` uses) and answers each job."""
 
-    def __init__(self, rm: RewardModel, device, share_prefix: bool, max_tokens: int | None, max_sequences: int, max_wait_s: float):
-        self.rm, self.device = rm, device
-        self.layout, self.mask_format, self.note = choose_layout(rm, share_prefix, padding_free=False)
-        self.max_tokens, self.max_sequences = max_tokens, max_sequences
+    def __init__(self, inference: Inference, max_wait_s: float):
+        self.inference = inference
         self.rounds = Rounds(max_wait_s)
         self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0}
         self.thread: threading.Thread | None = None
@@ -270,30 +227,25 @@ class Scorer:
                 for job in jobs:
                     answer(job, exception=ScoringFailed(f"scoring failed: {type(error).__name__}: {error}"))
 
-    @torch.inference_mode()
     def score(self, jobs: list[Job]) -> None:
         """Score the jobs' groups in batches, and answer each job as soon as its last sequence is scored: its caller
-        turns around while the round's other batches run."""
+        turns around while the round's other batches run. A batch out of memory fails the jobs it holds (503)."""
         groups = [g for job in jobs for g in job.groups]
         owner = [j for j, job in enumerate(jobs) for g in job.groups for _ in g.completions]  # job of each sequence
         sizes = [sum(len(g.completions) for g in job.groups) for job in jobs]
         starts, left = [sum(sizes[:j]) for j in range(len(jobs))], list(sizes)  # left: sequences still to score
-        loader, total = inference_loader(groups, self.layout, self.rm.fmt.pad_token_id, self.mask_format, self.max_sequences, self.max_tokens)
+        loader, total = batches(self.inference, groups)
         rewards = torch.full((total,), float("nan"))
         failed: set[int] = set()
-        for batch in loader:
-            keys = batch["key"].tolist()
-            if any(owner[k] not in failed for k in keys):  # a batch with one live job is still scored for it
-                try:
-                    rewards[batch["key"]] = batch_rewards(self.rm.model, self.rm, send_to_device(batch, self.device)).cpu()
-                except (torch.OutOfMemoryError, RuntimeError) as error:
-                    if not is_out_of_memory(error):
-                        raise
-                    failed.update(owner[k] for k in keys)
-                else:
-                    self.stats["batches"] += 1
-                    self.stats["sequences"] += len(keys)
-                    self.stats["computed_tokens"] += batch["input_ids"].numel()
+        for scored in score_batches(self.inference, loader):
+            keys = scored.keys.tolist()
+            if scored.rewards is None:
+                failed.update(owner[k] for k in keys)
+            else:
+                rewards[scored.keys] = scored.rewards
+                self.stats["batches"] += 1
+                self.stats["sequences"] += len(keys)
+                self.stats["computed_tokens"] += scored.tokens
             for k in keys:
                 left[owner[k]] -= 1
             for j in sorted({owner[k] for k in keys}):
@@ -343,7 +295,10 @@ def create_app(scorer: Scorer, tokens: Tokens):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"body: not valid JSON ({getattr(exc, 'msg', exc)})") from None
 
+    in_flight = {"requests": 0}  # received and not yet answered (the event loop's thread alone counts them)
+
     async def answer(request: Request, parse, shape) -> JSONResponse:
+        in_flight["requests"] += 1
         try:
             with scorer.rounds.arriving():
                 scoring = await run_in_threadpool(parse, await read(request), tokens)
@@ -355,6 +310,8 @@ def create_app(scorer: Scorer, tokens: Tokens):
             return error(503, str(exc))
         except ScoringFailed as exc:
             return error(500, str(exc))
+        finally:
+            in_flight["requests"] -= 1
         return JSONResponse(shape(scoring, rewards))
 
     def reward_shape(scoring: Scoring, rewards: list[list[float]]) -> dict:
@@ -377,7 +334,7 @@ def create_app(scorer: Scorer, tokens: Tokens):
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "layout": scorer.layout, **scorer.stats}
+        return {"status": "ok", "layout": scorer.inference.layout.name, "requests_in_flight": in_flight["requests"], **scorer.stats}
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
@@ -423,25 +380,21 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
 
     import uvicorn
 
-    from rmtrain.budget import inference_tokens_per_forward
+    from rmtrain.saved import folder_kind, load_saved, load_saved_text, scoring_max_length
 
     Server = _announcing_server()
-    from rmtrain.engine import inference_accelerator
-    from rmtrain.saved import folder_kind, load_saved
-
     folder_kind(Path(model_path))
     check_port(host, port)
-    rm, trained_max_length = load_saved(model_path)
-    device = inference_accelerator().device
-    rm.model.to(device)
-    if max_tokens_per_forward == "auto":
-        max_tokens_per_forward = inference_tokens_per_forward(rm.model, device)
-    scorer = Scorer(rm, device, share_prefix, max_tokens_per_forward, batch_size, max_wait_ms / 1000)
-    tokens = Tokens(rm, max_length or trained_max_length or 1024)
+    text = load_saved_text(model_path)
+    rm, _ = load_saved(model_path, text=text)
+    inference = prepare_inference(rm, max_tokens_per_forward, batch_size, share_prefix)
+    scorer = Scorer(inference, max_wait_ms / 1000)
+    tokens = Tokens(rm, scoring_max_length(max_length, text.max_length))
+    layout = inference.layout
     log.info(
-        f"rmtrain serve: {model_path} on {device}, {scorer.layout} layout"
-        + (" (segment attention)" if scorer.mask_format == "segments" else "")
-        + f", at most {max_tokens_per_forward or 'unbounded'} tokens and {batch_size} sequences per batch, "
+        f"rmtrain serve: {model_path} on {inference.accelerator.device}, {layout.name} layout"
+        + (" (segment attention)" if layout.mask_format == "segments" else "")
+        + f", at most {inference.max_tokens or 'unbounded'} tokens and {batch_size} sequences per batch, "
         f"requests gathered for up to {max_wait_ms:g} ms, max_length {tokens.max_length}"
     )
     app = create_app(scorer, tokens)

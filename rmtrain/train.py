@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from rmtrain.batching import PAIR_KEY, LengthGroupedBatchSampler, choose_layout, collate_for, token_counts, training_loader
+from rmtrain.batching import PAIR_KEY, LengthGroupedBatchSampler, collate_for, token_counts, training_loader
 from rmtrain.budget import auto_tokens_per_forward, held_bytes, inference_tokens_per_forward
 from rmtrain.config import Recipe, TrainConfig, dump_recipe
-from rmtrain.data import Group, load_groups, read_splits, source_labels, token_ids
 from rmtrain.embedding import seen_rows_count, train_seen_rows_only
 from rmtrain.engine import (
     check_engine, check_trackers, is_deepspeed, is_fsdp, is_sharded, is_zero3, make_accelerator, shard_head_in_fp32, start_trackers,
@@ -24,9 +23,12 @@ from rmtrain.engine import (
 from rmtrain.errors import NonFiniteLossError, ResourceError
 from rmtrain.faults import StopRequest, interrupted_message, is_out_of_memory, nonfinite_message, out_of_memory_message
 from rmtrain.flops import peak_flops, reward_model_training_flops
+from rmtrain.groups import Group, token_ids
+from rmtrain.inference import Inference, InferenceSet, evaluate_pairs, gather_per_item, inference_set
+from rmtrain.layout import Layout, choose_layout
 from rmtrain.log import RunLog, Throughput
 from rmtrain.loss import Objective, pair_stats
-from rmtrain.model import RewardModel, batch_rewards, load_reward_model
+from rmtrain.model import RewardModel, batch_rewards, load_reward_model, load_text_side
 from rmtrain.plot import plot_runs
 from rmtrain.runs import (
     BestModel,
@@ -38,7 +40,7 @@ from rmtrain.runs import (
     save_final,
     write_run_info,
 )
-from rmtrain.scoring import evaluate_pairs, gather_per_item, inference_set
+from rmtrain.splits import load_groups, read_splits, source_labels
 
 
 def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -50,8 +52,7 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     # Accelerator --------------------------------------------------------------------------------
     check_trackers(t)  # a missing tracker package fails before anything loads
     accelerator, bf16 = make_accelerator(t, out)
-    is_main = accelerator.is_main_process
-    log = RunLog(out / "metrics.jsonl", enabled=is_main, trackers=accelerator if t.report_to else None)
+    log = RunLog(out / "metrics.jsonl", enabled=accelerator.is_main_process, trackers=accelerator if t.report_to else None)
     log.info(
         f"rmtrain fit: {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), "
         f"device {accelerator.device}, precision {'bf16' if bf16 else 'fp32'}, output {out}"
@@ -59,17 +60,20 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     checkpoint = check_output_dir(out, resume, overwrite, log)
     check_engine(accelerator, t, log)
 
-    # Data and model -----------------------------------------------------------------------------
+    # Data: read, then tokenized, before the weights load ----------------------------------------
     set_seed(t.seed)
-    splits = read_splits(recipe.data)  # a bad data file fails before the model loads
-    rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing)
+    splits = read_splits(recipe.data)
+    text = load_text_side(recipe.model, recipe.data.max_length)
+    train_groups, eval_groups, preflight = load_groups(recipe.data, *text, t.seed, splits)
+    for stats in preflight:
+        log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
+
+    # Model --------------------------------------------------------------------------------------
+    rm = load_reward_model(recipe.model, recipe.lora, t.gradient_checkpointing, text)
     if rm.weights_dtype != torch.float32 and recipe.lora is None:
         dtype = str(rm.weights_dtype).removeprefix("torch.")
         log.info(f"weights: loaded in {dtype}, trained as float32 master weights ({'bf16' if bf16 else 'fp32'} compute), saved in {dtype}")
-    train_groups, eval_groups, preflight = load_groups(recipe.data, rm.tokenizer, rm.fmt, t.seed, splits)
-    for stats in preflight:
-        log.info(stats.line(recipe.data.truncation, recipe.data.max_length))
-    if is_main:
+    if accelerator.is_main_process:
         claim_output_dir(out, overwrite, resuming=checkpoint is not None)
     accelerator.wait_for_everyone()
     batches = plan_batches(accelerator, rm, t, bf16, train_groups, log)
@@ -80,19 +84,16 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     shard_head_in_fp32(accelerator, rm)
     optimizer = make_optimizer(rm.model, t)
     model, optimizer, train_dl = accelerator.prepare(rm.model, optimizer, batches.train)
-    eval_set = eval_batches(accelerator, rm, t, batches, eval_groups, source_labels(splits.get("eval", []))) if eval_groups else None
     steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
     total_steps = t.max_steps or math.ceil(t.num_epochs * steps_per_epoch)
     # The schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
-    scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    per_step, kind = accelerator.num_processes * t.per_device_batch_size * t.gradient_accumulation_steps, preflight[0].kind
+    kind = preflight[0].kind
     log.info(
         f"{len(train_groups)} training {kind}, {accelerator.num_processes} x {t.per_device_batch_size} {kind} x "
-        f"{t.gradient_accumulation_steps} accumulation = {per_step} {kind} per step, {steps_per_epoch} steps per epoch, "
-        f"{total_steps} steps"
+        f"{t.gradient_accumulation_steps} accumulation = {accelerator.num_processes * t.per_device_batch_size * t.gradient_accumulation_steps} "
+        f"{kind} per step, {steps_per_epoch} steps per epoch, {total_steps} steps"
     )
     state = TrainState(seen_embedding_rows=seen_rows_count(rm.model))
     if checkpoint is not None:
@@ -101,102 +102,36 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         log.info(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     start_trackers(accelerator, recipe, out)
-    if is_main:
+    if accelerator.is_main_process:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    best = BestModel(recipe, out)
-
-    # Loop ---------------------------------------------------------------------------------------
+    evaluation = None
+    if eval_groups:
+        inference = Inference(accelerator, model, rm, batches.layout, eval_tokens(rm, t, accelerator), 2 * (t.eval_batch_size or t.per_device_batch_size))
+        evaluation = (inference, inference_set(inference, eval_groups, source_labels(splits.get("eval", []))))
     metrics = StepMetrics(accelerator, t, lists=any(len(g.completions) > 2 for g in train_groups),
                           flops_of=partial(reward_model_training_flops, rm.model.config, rm.fmt.is_encoder), peak_flops=device_peak(accelerator, t))
-    row_of = {g.uid: (g.source, g.row) for g in train_groups}  # what a non-finite step names
-    stop = StopRequest(log)
-    last_eval: dict[str, float] | None = None
-    saved_step, in_a_row, nonfinite = state.step, 0, None
-    offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if t.activation_offloading else contextlib.nullcontext()
-    model.train()
-    log.start_progress(total_steps, completed=state.step)
-    metrics.speed.resume()
-    try:
-        while state.step < total_steps:
-            train_dl.set_epoch(state.epoch)
-            if batches.sampler is not None:
-                batches.sampler.set_epoch(state.epoch)
-            if state.batches_in_epoch == 0:
-                metrics.new_epoch()
-            epoch = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
-            for passes in epoch:
-                with offload:
-                    result = train_step(accelerator, model, optimizer, rm, passes, t, nonfinite)
-                state.batches_in_epoch += 1
-                skip = metrics.add(result)
-                if not accelerator.sync_gradients:
-                    nonfinite = result.nonfinite  # carried to the step's last batch
-                    continue
-                nonfinite = None
-                # A skipped step still counts as a step: the schedule and the data position advance as in a
-                # run without it; only the weights and optimizer moments stay as they were.
-                scheduler.step()
-                state.step += 1
-                log.advance()
-                metrics.end_step(kept=not skip)
-                in_a_row = in_a_row + 1 if skip else 0
-                if skip:
-                    state.skipped_steps += 1
-                    log.warn(f"step {state.step}: non-finite loss or gradient norm, optimizer step skipped ({in_a_row} in a row)")
-                    if in_a_row >= t.max_nonfinite_steps:
-                        rows = [(row_of[uid][0], row_of[uid][1] + 1) for uid in metrics.skipped_groups()]
-                        raise NonFiniteLossError(nonfinite_message(t.max_nonfinite_steps, state.step, rows, recipe, out, saved_step))
-                if state.step % t.logging_steps == 0 or state.step == total_steps:
-                    values = metrics.take()
-                    if values is not None:
-                        epoch_done = state.epoch + state.batches_in_epoch / len(train_dl)
-                        extra = {"learning_rate": scheduler.get_last_lr()[0], "epoch": epoch_done, "skipped_steps": state.skipped_steps}
-                        log.metrics("train", state.step, values | extra)
-                if eval_set is not None and t.eval_steps and state.step % t.eval_steps == 0 and state.step != total_steps:
-                    with metrics.speed.paused():
-                        last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set)
-                        best.consider(accelerator, model, rm, state, last_eval)
-                    log.metrics("eval", state.step, last_eval)
-                if t.save_steps and state.step % t.save_steps == 0 and state.step != total_steps and not in_a_row:
-                    with metrics.speed.paused():
-                        save_checkpoint(accelerator, out, state, t.save_total_limit)
-                    saved_step = state.step
-                if state.step >= total_steps:
-                    break
-                if stop.agreed(accelerator):
-                    stop_with_checkpoint(accelerator, out, state, saved_step, t, log, stop.signum)
-            else:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-    except PassOutOfMemory as error:
-        raise ResourceError(out_of_memory_message(error.batch, t, state.step, batches.max_tokens_per_forward)) from None
-    finally:
-        stop.restore()
-        log.stop_progress()
+    run = Run(accelerator, model, optimizer, scheduler, rm, recipe, out, log, train_dl, batches, evaluation, BestModel(recipe, out),
+              total_steps, {g.uid: (g.source, g.row) for g in train_groups})
+
+    # Loop ---------------------------------------------------------------------------------------
+    last_eval = train_loop(run, state, metrics)
 
     # Final evaluation and save ------------------------------------------------------------------
-    if eval_set is not None:
-        last_eval, _ = evaluate_pairs(accelerator, model, rm, eval_set)
-        best.consider(accelerator, model, rm, state, last_eval)
-        log.metrics("eval", state.step, last_eval)
+    if evaluation is not None:
+        last_eval = run.evaluate(state)
         log.table(f"final eval ({len(eval_groups)} {preflight[-1].kind})", last_eval)
     engine = {"distributed_type": accelerator.distributed_type.value}
     if is_fsdp(accelerator):
         engine |= {"fsdp_version": accelerator.state.fsdp_plugin.fsdp_version, "idle_forwards": sum_over_processes(accelerator, metrics.idle_forwards)}
     save_final(accelerator, model, rm, recipe, out)
     info = {
-        "complete": True,
-        "num_processes": accelerator.num_processes,
-        **engine,
-        "steps": state.step,
-        "train_pairs": sum(len(g.pairs) for g in train_groups),
-        "eval_pairs": sum(len(g.pairs) for g in eval_groups) if eval_groups else 0,
+        "complete": True, "num_processes": accelerator.num_processes, **engine, "steps": state.step,
+        "train_pairs": sum(len(g.pairs) for g in train_groups), "eval_pairs": sum(len(g.pairs) for g in eval_groups or []),
         **({"train_lists": len(train_groups)} if kind == "lists" else {}),
         "max_tokens_per_forward": batches.max_tokens_per_forward,  # resolved when the recipe says auto
-        "final_eval": last_eval,
-        "train": metrics.speed.totals(),
-        **({"best": best.info(state)} if best.metric else {}),
+        "final_eval": last_eval, "train": metrics.speed.totals(), **({"best": run.best.info(state)} if run.best.metric else {}),
     }
-    if is_main:
+    if accelerator.is_main_process:
         write_run_info(out, info)
         plot_runs([out], out / "curves.png")
         log.info(f"saved {'adapter' if recipe.lora else 'model'} to {out}")
@@ -206,13 +141,122 @@ def fit(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Run:
+    """What the loop works with, prepared by `fit`."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    """Prepared (DDP, FSDP, DeepSpeed)."""
+    optimizer: Any
+    scheduler: Any
+    rm: RewardModel
+    recipe: Recipe
+    out: Path
+    log: RunLog
+    loader: Any
+    """The prepared training loader: each batch a list of passes."""
+    batches: "Batches"
+    evaluation: tuple[Inference, InferenceSet] | None
+    best: BestModel
+    total_steps: int
+    row_of: dict[int, tuple[int, int]]
+    """Each training group's (source, row): what a non-finite step names."""
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        """The eval set's metrics now, logged; the model kept as the best so far when it is (`train.keep_best`)."""
+        metrics, _ = evaluate_pairs(*self.evaluation)
+        self.best.consider(self.accelerator, self.model, self.rm, state, metrics)
+        self.log.metrics("eval", state.step, metrics)
+        return metrics
+
+
+def train_loop(run: Run, state: TrainState, metrics: "StepMetrics") -> dict[str, Any] | None:
+    """Optimizer steps from `state` until `run.total_steps`; returns the last periodic eval's metrics (or None).
+
+    A SIGINT/SIGTERM ends it after the current step with a checkpoint (exit 128 + signal); out of memory in a pass
+    is one line naming the pass."""
+    t, accelerator = run.recipe.train, run.accelerator
+    stop = StopRequest(run.log)
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if t.activation_offloading else contextlib.nullcontext()
+    last_eval, saved_step, nonfinite = None, state.step, None
+    run.model.train()
+    run.log.start_progress(run.total_steps, completed=state.step)
+    metrics.speed.resume()
+    try:
+        while state.step < run.total_steps:
+            run.loader.set_epoch(state.epoch)
+            if run.batches.sampler is not None:
+                run.batches.sampler.set_epoch(state.epoch)
+            if state.batches_in_epoch == 0:
+                metrics.new_epoch()
+            epoch = accelerator.skip_first_batches(run.loader, state.batches_in_epoch) if state.batches_in_epoch else run.loader
+            for passes in epoch:
+                with offload:
+                    result = train_step(accelerator, run.model, run.optimizer, run.rm, passes, t, nonfinite)
+                state.batches_in_epoch += 1
+                metrics.add(result)
+                if not accelerator.sync_gradients:
+                    nonfinite = result.nonfinite  # carried to the step's last batch
+                    continue
+                nonfinite = None
+                last_eval = after_step(run, state, metrics, result.skip, saved_step) or last_eval
+                if t.save_steps and state.step % t.save_steps == 0 and state.step != run.total_steps and not state.skipped_in_a_row:
+                    with metrics.speed.paused():
+                        save_checkpoint(accelerator, run.out, state, t.save_total_limit)
+                    saved_step = state.step
+                if state.step >= run.total_steps:
+                    break
+                if stop.agreed(accelerator):
+                    stop_with_checkpoint(accelerator, run.out, state, saved_step, t, run.log, stop.signum)
+            else:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    except PassOutOfMemory as error:
+        raise ResourceError(out_of_memory_message(error.batch, t, state.step, run.batches.max_tokens_per_forward)) from None
+    finally:
+        stop.restore()
+        run.log.stop_progress()
+    return last_eval
+
+
+def after_step(run: Run, state: TrainState, metrics: "StepMetrics", skipped: bool, saved_step: int) -> dict[str, Any] | None:
+    """The bookkeeping of an optimizer step that just ended: the schedule and counters, the non-finite policy, the
+    log line and the periodic eval (whose metrics it returns). A skipped step still counts as a step: the schedule
+    and the data position advance as in a run without it; only the weights and optimizer moments stay as they were."""
+    t = run.recipe.train
+    run.scheduler.step()
+    state.step += 1
+    run.log.advance()
+    metrics.end_step(kept=not skipped)
+    state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped else 0
+    if skipped:
+        state.skipped_steps += 1
+        run.log.warn(f"step {state.step}: non-finite loss or gradient norm, optimizer step skipped ({state.skipped_in_a_row} in a row)")
+        if state.skipped_in_a_row >= t.max_nonfinite_steps:
+            rows = [(run.row_of[uid][0], run.row_of[uid][1] + 1) for uid in metrics.skipped_groups()]
+            raise NonFiniteLossError(nonfinite_message(t.max_nonfinite_steps, state.step, rows, run.recipe, run.out, saved_step))
+    if state.step % t.logging_steps == 0 or state.step == run.total_steps:
+        values = metrics.take()
+        if values is not None:
+            epoch_done = state.epoch + state.batches_in_epoch / len(run.loader)
+            extra = {"learning_rate": run.scheduler.get_last_lr()[0], "epoch": epoch_done, "skipped_steps": state.skipped_steps}
+            run.log.metrics("train", state.step, values | extra)
+    if run.evaluation is not None and t.eval_steps and state.step % t.eval_steps == 0 and state.step != run.total_steps:
+        with metrics.speed.paused():
+            return run.evaluate(state)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Set-up
 
 
 @dataclass
 class Batches:
-    layout: str
-    mask_format: str
+    layout: Layout
     max_tokens_per_forward: int | None
     """Resolved (`auto` -> a number); None: one pass per batch."""
     train: Any
@@ -226,9 +270,9 @@ def plan_batches(accelerator, rm: RewardModel, t: TrainConfig, bf16: bool, group
         # The weights are partitioned from the load on: nothing can run the model before DeepSpeed wraps it.
         log.info("DeepSpeed ZeRO-3: segment attention cannot be checked on the partitioned model, using the 4D mask")
         prefix_attention = "mask"
-    layout, mask_format, note = choose_layout(rm, t.share_prefix, t.padding_free, prefix_attention)
-    if note:
-        log.info(note)
+    layout = choose_layout(rm, t.share_prefix, t.padding_free, prefix_attention)
+    if layout.note:
+        log.info(layout.note)
     budget, budget_note = t.max_tokens_per_forward, ""
     if budget == "auto":
         shards = accelerator.num_processes if is_fsdp(accelerator) else 1
@@ -239,21 +283,21 @@ def plan_batches(accelerator, rm: RewardModel, t: TrainConfig, bf16: bool, group
         log.info("DeepSpeed: train.max_tokens_per_forward does not apply, each batch runs in one pass")
         budget = None
     loader, sampler = training_loader(
-        groups, layout, collate_for(layout, rm.fmt.pad_token_id, mask_format), t.per_device_batch_size, t.seed,
+        groups, layout.name, collate_for(layout.name, rm.fmt.pad_token_id, layout.mask_format), t.per_device_batch_size, t.seed,
         length_grouped=t.batching == "length_grouped", max_tokens_per_batch=t.max_tokens_per_batch,
         max_tokens_per_forward=budget, num_processes=accelerator.num_processes,
         workers=t.dataloader_workers if t.dataloader_workers is not None else 2 * (accelerator.device.type == "cuda"),
     )
-    line = f"batches: {layout} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
+    line = f"batches: {layout.name} layout, {t.batching} order" + (f", {t.max_tokens_per_batch} tokens per batch" if t.max_tokens_per_batch else "")
     if budget:
         line += f", at most {budget} tokens per forward" + (f" ({budget_note})" if budget_note else "")
     else:
         line += ", one forward per batch"
     if sampler is not None:
-        computed, real, unique = token_counts(groups, sampler, layout)
+        computed, real, unique = token_counts(groups, sampler, layout.name)
         line += f"; tokens per epoch: {computed:,} computed, {real:,} real ({computed / real:.2f}x), {unique:,} unique"
     log.info(line)
-    return Batches(layout, mask_format, budget, loader, sampler)
+    return Batches(layout, budget, loader, sampler)
 
 
 def stop_with_checkpoint(accelerator, out: Path, state: TrainState, saved_step: int, t: TrainConfig, log: RunLog, signum: int) -> None:
@@ -266,11 +310,9 @@ def stop_with_checkpoint(accelerator, out: Path, state: TrainState, saved_step: 
     raise SystemExit(128 + signum)
 
 
-def eval_batches(accelerator, rm: RewardModel, t: TrainConfig, batches: Batches, groups: list[Group], names: list[str]) -> Any:
-    """The periodic eval's batches: as `rmtrain eval` builds them, with inference's pass budget when `auto`."""
-    tokens = inference_tokens_per_forward(rm.model, accelerator.device) if t.max_tokens_per_forward == "auto" else t.max_tokens_per_forward
-    return inference_set(accelerator, groups, batches.layout, batches.mask_format, rm.fmt.pad_token_id,
-                         2 * (t.eval_batch_size or t.per_device_batch_size), tokens, names)
+def eval_tokens(rm: RewardModel, t: TrainConfig, accelerator) -> int | None:
+    """Tokens per batch of the periodic eval: as `rmtrain eval` would choose them when `auto`."""
+    return inference_tokens_per_forward(rm.model, accelerator.device) if t.max_tokens_per_forward == "auto" else t.max_tokens_per_forward
 
 
 def device_peak(accelerator, t: TrainConfig) -> float | None:
@@ -387,7 +429,7 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
                         if is_deepspeed(accelerator) and accelerator.sync_gradients and sum_over_processes(accelerator, nonfinite) > 0:
                             loss = loss * float("nan")
                     accelerator.backward(loss)
-            skip = accelerator.sync_gradients and end_of_step(accelerator, model, optimizer, t, nonfinite)
+            skip = accelerator.sync_gradients and apply_step(accelerator, model, optimizer, t, nonfinite)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if is_out_of_memory(error):
             raise PassOutOfMemory(batch["chunks"][0] if batch and "chunks" in batch else batch) from None
@@ -398,7 +440,7 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
     return BatchResult(keys, chosen, rejected, loss, minimised.sum(), weight, nonfinite, skip, idle_no_grad + idle_graph, counts)
 
 
-def end_of_step(accelerator, model, optimizer, t: TrainConfig, nonfinite: torch.Tensor) -> bool:
+def apply_step(accelerator, model, optimizer, t: TrainConfig, nonfinite: torch.Tensor) -> bool:
     """Clip, then step unless some process had a non-finite objective or the gradient norm is not finite (one
     agreement across processes); drop the gradients either way. Returns whether the step was skipped."""
     if is_deepspeed(accelerator):  # it clipped and stepped (or skipped) inside the last backward

@@ -215,7 +215,7 @@ def select_rows(data_file: Path, tokenizer, max_length: int, limit: int | None) 
     """The first `limit` train_sample rows (all if None) whose both sides fit `max_length` tokens, and their
     tokenized groups (rmtrain.data's: prompt + answer + EOS, the common token prefix once), read in chunks so a
     small selection tokenizes little. Rows with an empty answer are left out (rmtrain refuses them)."""
-    from rmtrain.data import tokenize_rows
+    from rmtrain.groups import tokenize_rows
     from rmtrain.tokenizer import TokenFormat
 
     fmt = TokenFormat(append_eos=tokenizer.eos_token, pad_token_id=tokenizer.pad_token_id, is_encoder=False)

@@ -123,13 +123,12 @@ def server_scorer(folder: Path):
     the main, thread, as `rmtrain serve` runs it)."""
     import torch
 
-    from rmtrain.budget import inference_tokens_per_forward
-    from rmtrain.saved import load_saved
+    from rmtrain.inference import prepare_inference
+    from rmtrain.saved import load_saved, scoring_max_length
     from rmtrain.serve import Scorer, Tokens
 
     rm, max_length = load_saved(str(folder))
-    device = torch.device("cpu")
-    return Scorer(rm, device, True, inference_tokens_per_forward(rm.model, device), 64, 0.005), Tokens(rm, max_length or 1024)
+    return Scorer(prepare_inference(rm, "auto", 64), 0.005), Tokens(rm, scoring_max_length(None, max_length))
 
 
 def alternating(folder: Path, groups: list[dict]) -> dict:

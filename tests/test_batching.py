@@ -7,7 +7,6 @@ import torch
 from rmtrain.attention import prefix_mask
 from rmtrain.batching import (
     LengthGroupedBatchSampler,
-    choose_layout,
     collate_packed,
     collate_plain,
     collate_shared_prefix,
@@ -15,7 +14,8 @@ from rmtrain.batching import (
     group_shape,
 )
 from rmtrain.config import LoraConfig, ModelConfig
-from rmtrain.data import Group, tokenize_rows
+from rmtrain.layout import choose_layout
+from rmtrain.groups import Group, tokenize_rows
 from rmtrain.model import batch_rewards, load_reward_model
 from tests.conftest import read_jsonl
 

@@ -4,7 +4,7 @@ import pytest
 
 from rmtrain.config import ModelConfig
 from rmtrain.config import DataSource
-from rmtrain.data import rust_tokenizer, token_ids_of, tokenize_rows, truncate_left
+from rmtrain.groups import rust_tokenizer, token_ids_of, tokenize_rows, truncate_left
 from rmtrain.errors import DataError
 from rmtrain.sources import read_rows
 from rmtrain.tokenizer import TokenFormat, load_tokenizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rmtrain.data import tokenize_rows
+from rmtrain.groups import tokenize_rows
 from rmtrain.model import sequence_rewards
 from rmtrain.saved import load_saved
 from tests.conftest import FULL, ROOT, read_jsonl, rmtrain_cli, write_recipe

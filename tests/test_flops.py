@@ -174,7 +174,7 @@ def test_batches_count_the_work_of_their_layout_and_the_log_turns_it_into_flops_
     """What the training log's GFLOP/s (CPU) and MFU (GPU) are made of: each collated batch carries the model's tokens
     and causal query-key pairs as its layout computes them (the prompt once in a shared-prefix row)."""
     from rmtrain.batching import collate_plain, collate_shared_prefix, model_work
-    from rmtrain.data import Group
+    from rmtrain.groups import Group
     from rmtrain.flops import reward_model_training_flops, training_flops
     from rmtrain.log import Throughput
 

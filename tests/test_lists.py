@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmtrain.batching import choose_layout, collate_for, collate_passes, collate_plain, collate_shared_prefix, targets
+from rmtrain.batching import collate_for, collate_passes, collate_plain, collate_shared_prefix, targets
+from rmtrain.layout import choose_layout
 from rmtrain.binarize import binarize, list_pairs
 from rmtrain.config import ModelConfig, TrainConfig
-from rmtrain.data import Group, tokenize_rows
+from rmtrain.groups import Group, tokenize_rows
 from rmtrain.diagnostics import kendall_tau, top1_correct
 from rmtrain.errors import DataError
 from rmtrain.evaluate import run_eval

@@ -29,7 +29,7 @@ def test_margin_is_subtracted():
 
 def test_centering_term_matches_trl():
     from rmtrain.batching import targets
-    from rmtrain.data import Group
+    from rmtrain.groups import Group
 
     chosen, rejected = torch.tensor([1.0, -3.0]), torch.tensor([2.0, 1.0])
     batch = targets([Group.of(0, [[1, 2], [1, 3]], [(0, 1)]), Group.of(1, [[4, 5], [4, 6]], [(0, 1)])])

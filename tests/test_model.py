@@ -174,7 +174,7 @@ def test_segment_attention_is_recognised_through_an_engine_with_a_config_of_its_
     """A DeepSpeedEngine wraps the model as `.module` and has a `.config` of its own (DeepSpeed's dict): the check that
     a shared-prefix batch may go without a mask reads the transformers model inside, as DDP's wrapper is read."""
     from rmtrain import attention
-    from rmtrain.batching import choose_layout
+    from rmtrain.layout import choose_layout
     from rmtrain.config import ModelConfig
 
     rm = load_reward_model(ModelConfig(name_or_path=tiny_qwen3))

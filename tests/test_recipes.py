@@ -82,6 +82,7 @@ def test_shipped_recipe_runs_in_its_own_dtype_then_eval_score_serve_export(name,
     from rmtrain.export import export_model
     from rmtrain.saved import load_saved
     from rmtrain.score import run_score
+    from rmtrain.inference import prepare_inference
     from rmtrain.serve import Scorer, Tokens, create_app
 
     recipe = yaml.safe_load((ROOT / "recipes" / name).read_text())
@@ -123,7 +124,7 @@ def test_shipped_recipe_runs_in_its_own_dtype_then_eval_score_serve_export(name,
         assert max(abs(a - b) for a, b in zip(score(folder), score_rewards)) <= tolerance * spread
     rm, max_length = load_saved(run)
     assert rm.weights_dtype == getattr(torch, loaded)
-    scorer = Scorer(rm, torch.device("cpu"), True, 2048, 16, 0.001).start()
+    scorer = Scorer(prepare_inference(rm, 2048, 16), 0.001).start()
     with TestClient(create_app(scorer, Tokens(rm, max_length))) as client:
         answer = client.post("/get_reward", json={"query": texts})
     assert answer.status_code == 200, answer.text

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from rmtrain.config import load_recipe
-from rmtrain.data import tokenize_rows
+from rmtrain.groups import tokenize_rows
 from rmtrain.evaluate import run_eval
 from rmtrain.errors import ExportError, ModelError
-from rmtrain.export import export_model, rewards_of
+from rmtrain.export import export_model
+from rmtrain.inference import prepare_inference, rewards_of
 from rmtrain.saved import load_saved
 from rmtrain.score import run_score
 from rmtrain.train import fit
@@ -114,7 +115,7 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     chat = read_jsonl(shared_data / "llamafactory_dpo_en_demo.jsonl", limit=3)
     chat = [r for r in chat if len(rm.tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False)) < 2000]
     pairs, _ = tokenize_rows(chat, "chat", rm.tokenizer, rm.fmt, 10_000, "filter")
-    ours = torch.stack(rewards_of(rm, pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
+    ours = torch.stack(rewards_of(prepare_inference(rm), pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
     as_completion = score_file(qwen_run, [{"prompt": r["prompt"], "completion": r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "pc", max_length=10_000)
     as_messages = score_file(qwen_run, [{"messages": r["prompt"] + r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "msg", max_length=10_000, in_order=True)
     assert max(abs(a - b) for a, b in zip(as_completion, ours)) < 1e-5
@@ -122,7 +123,7 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     # Standard text with an explicit prompt, the completion under either name.
     uf = [{k: r[k][:400] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(shared_data / "ultrafeedback_binarized_sample.jsonl", limit=3)]
     pairs, _ = tokenize_rows(uf, "uf", rm.tokenizer, rm.fmt, 10_000, "filter")
-    ours = torch.stack(rewards_of(rm, pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
+    ours = torch.stack(rewards_of(prepare_inference(rm), pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
     rows = [{"prompt": r["prompt"], ("response" if i % 2 else "completion"): r[s]} for s in ("chosen", "rejected") for i, r in enumerate(uf)]
     assert max(abs(a - b) for a, b in zip(score_file(qwen_run, rows, tmp_path, "uf"), ours)) < 1e-5
     # Longer than --max-length: the start is cut, as eval's `--truncation truncate` cuts it.
@@ -133,7 +134,7 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["row"] for line in lines] == list(range(1, len(uf) + 1))
     assert all(line["truncated"] and line["tokens"] == 24 for line in lines)
-    cut_chosen = [r[0].item() for r in rewards_of(rm, cut_pairs)]
+    cut_chosen = [r[0].item() for r in rewards_of(prepare_inference(rm), cut_pairs)]
     assert max(abs(line["reward"] - r) for line, r in zip(lines, cut_chosen)) < 1e-5
     # --field picks one column of every row.
     picked = score_file(qwen_run, [{"id": i, "answer": r["prompt"] + r["chosen"]} for i, r in enumerate(uf)], tmp_path, "field", field="answer")
@@ -204,7 +205,7 @@ def test_export_full_decoder_round_trip(qwen_run, tmp_path, shared_data):
     # A head without a bias cannot hold the mean: refused before anything is written.
     with pytest.raises(ExportError, match="Qwen3ForSequenceClassification has no bias"):
         export_model(str(qwen_run), str(tmp_path / "normalized"), merge=False, normalize=True)
-    assert not (tmp_path / "normalized").exists() and not (tmp_path / "normalized.tmp").exists()
+    assert not (tmp_path / "normalized").exists() and not (tmp_path / ".normalized.tmp").exists()
 
 
 def test_export_check_fails_when_plain_tokenization_differs(qwen_run, tmp_path, monkeypatch):
@@ -215,7 +216,7 @@ def test_export_check_fails_when_plain_tokenization_differs(qwen_run, tmp_path, 
     out = tmp_path / "exported"
     with pytest.raises(ExportError, match=r"max abs difference .* > 0.001; .*exported not written, the folder is kept in .*exported.failed"):
         export_model(str(qwen_run), str(out), merge=False)
-    assert not out.exists() and not (tmp_path / "exported.tmp").exists()
+    assert not out.exists() and not (tmp_path / ".exported.tmp").exists()
     assert (tmp_path / "exported.failed" / "config.json").is_file()
 
 

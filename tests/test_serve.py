@@ -161,15 +161,16 @@ def test_server_rewards_equal_rmtrain_score_and_concurrent_clients_get_theirs(mo
 
 BAD_REQUESTS = [
     ("/score", None, b"{not json", "body: not valid JSON"),
-    ("/score", {"completions": ["a"]}, None, "prompt: missing (a string or a list of messages)"),
-    ("/score", {"prompt": "Q:", "completions": []}, None, "completions: expected a non-empty list of completions, got an empty list"),
-    ("/score", {"prompt": "Q:", "completions": [" a", 3]}, None, "completions[1]: expected a string or a list of messages, got int"),
-    ("/score", {"prompt": [{"role": "user", "content": "hi"}], "completions": ["text"]}, None, "completions[0]: is text but the prompt"),
+    ("/score", {"completions": ["a"]}, None, "body: missing 'prompt' (a string or a list of messages)"),
+    ("/score", {"prompt": "Q:", "completions": []}, None, "body: 'completions' must be a non-empty list of completions, got an empty list"),
+    ("/score", {"prompt": "Q:", "completions": [" a", 3]}, None, "body: 'completions[1]' must be a string or a message list, got int"),
+    ("/score", {"prompt": [{"role": "user", "content": "hi"}], "completions": ["text"]}, None,
+     "body: mixes plain strings and message lists in prompt/completions; use one shape"),
     ("/score", {"groups": []}, None, "groups: expected a non-empty list"),
     ("/score", {"groups": [{"prompt": "Q:", "completions": [" a"]}, {"prompt": 5, "completions": [" a"]}]}, None,
-     "groups[1].prompt: expected a string or a list of messages, got int"),
+     "groups[1]: 'prompt' must be a string or a message list, got int"),
     ("/get_reward", {"query": "one text"}, None, "query: expected a non-empty list of strings"),
-    ("/get_reward", {"query": ["fine", ""]}, None, "query[1]: empty text"),
+    ("/get_reward", {"query": ["fine", ""]}, None, "body: 'query[1]' is empty; fill it in or remove it"),
     ("/get_reward", {"query": ["has <|endoftext|> in it"]}, None, "query[0]: contains the pad token"),
 ]
 
@@ -202,7 +203,7 @@ def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_
     import torch
     from fastapi.testclient import TestClient
 
-    from rmtrain.batching import inference_loader
+    from rmtrain.inference import batches, prepare_inference
     from rmtrain.saved import load_saved
     from rmtrain.serve import Scorer, Tokens, create_app
 
@@ -211,10 +212,10 @@ def test_out_of_memory_on_a_batch_is_a_503_for_its_requests_and_the_server_goes_
     prompt = hh_groups(shared_data, 1, 1)[0]["prompt"][-300:]
     long_group = {"prompt": prompt, "completions": [" Yes, " * 20, " No, " * 20, " I can not say."]}
     short_group = {"prompt": "Human: hi\n\nAssistant:", "completions": [" Hello.", " Go away.", " Hi there."]}
-    scorer = Scorer(rm, torch.device("cpu"), True, 160, 64, max_wait_s=0.5).start()
+    scorer = Scorer(prepare_inference(rm, 160, 64), max_wait_s=0.5).start()
     # The round's batches: the long request's chunks, longest first; its last chunk shares a batch with the short one.
-    groups = [tokens.group(g["prompt"], g["completions"], "")[0] for g in (long_group, short_group)]
-    keys = [batch["key"].tolist() for batch in inference_loader(groups, scorer.layout, rm.fmt.pad_token_id, scorer.mask_format, 64, 160)[0]]
+    groups, _ = tokens.groups([(g["prompt"], g["completions"], "") for g in (long_group, short_group)])
+    keys = [batch["key"].tolist() for batch in batches(scorer.inference, groups)[0]]
     assert len(keys) >= 2 and max(keys[0]) < 3 and any(k < 3 for k in keys[-1]) and any(k >= 3 for k in keys[-1]), keys
     forward, calls = rm.model.forward, []
 
@@ -258,15 +259,16 @@ def test_a_request_is_answered_as_soon_as_its_own_batches_are_scored(tiny_qwen3)
     when scored alone."""
     import torch
 
+    from rmtrain.inference import prepare_inference
     from rmtrain.saved import load_saved
     from rmtrain.serve import Job, Scorer, Tokens
 
     rm, max_length = load_saved(tiny_qwen3)
     tokens = Tokens(rm, max_length or 1024)
     prompt = "Human: Can you help me?\n\nAssistant:"
-    long_group = tokens.group(prompt, [" Yes, " * 20, " No, " * 20, " Maybe, " * 20], "")[0]
-    short_group = tokens.group(prompt, [" Hello.", " Go away.", " Hi there."], "")[0]
-    scorer = Scorer(rm, torch.device("cpu"), True, None, 3, max_wait_s=0.0)
+    (long_group, short_group), _ = tokens.groups([(prompt, [" Yes, " * 20, " No, " * 20, " Maybe, " * 20], ""),
+                                                  (prompt, [" Hello.", " Go away.", " Hi there."], "")])
+    scorer = Scorer(prepare_inference(rm, None, 3), max_wait_s=0.0)
     alone = []
     for group in (short_group, long_group):
         job = Job([group])
@@ -309,27 +311,52 @@ def test_a_round_takes_the_requests_already_queued_even_with_no_wait():
     assert rounds.take() == ([], True)
 
 
+class Clock:
+    """A clock that moves only when told (Rounds' `clock`)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def take_in_thread(rounds) -> tuple[threading.Thread, list]:
+    """`rounds.take()` on a thread of its own; its result lands in the list."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(rounds.take()), daemon=True)
+    thread.start()
+    return thread, result
+
+
 def test_a_round_stops_gathering_once_every_open_connection_has_sent_a_request():
     """A connection has one request at a time: once the round holds a job per open connection nothing more can
     come, and the round starts without waiting out `--max-wait-ms`; while a connection is still to send, the window
-    holds."""
+    holds. The clock stands still unless moved: only the open-connection rule can end the first round."""
     from rmtrain.serve import Job, Rounds
 
-    rounds = Rounds(max_wait_s=60.0, open_connections=lambda: 3)
+    rounds = Rounds(max_wait_s=60.0, open_connections=lambda: 3, clock=Clock())
     jobs = [Job([]) for _ in range(3)]
     rounds.jobs.put(jobs[0])
     rounds.jobs.put(jobs[1])
-    threading.Timer(0.2, rounds.jobs.put, args=(jobs[2],)).start()  # the last connection sends a little later
-    start = time.monotonic()
-    assert rounds.take() == (jobs, False)
-    assert time.monotonic() - start < 20
-    rounds = Rounds(max_wait_s=0.3, open_connections=lambda: 5)
-    jobs = [Job([]) for _ in range(2)]
-    for job in jobs:
-        rounds.jobs.put(job)
-    start = time.monotonic()
-    assert rounds.take() == (jobs, False)
-    assert time.monotonic() - start >= 0.25
+    thread, result = take_in_thread(rounds)
+    rounds.jobs.put(jobs[2])  # the last connection sends a little later
+    thread.join(timeout=300)
+    assert result == [(jobs, False)]
+
+    clock = Clock()
+    rounds = Rounds(max_wait_s=1.0, open_connections=lambda: 5, clock=clock)
+    jobs = [Job([]) for _ in range(3)]
+    rounds.jobs.put(jobs[0])
+    rounds.jobs.put(jobs[1])
+    thread, result = take_in_thread(rounds)
+    rounds.jobs.put(jobs[2])  # within the window: it joins (3 of 5 connections have sent)
+    while rounds.jobs.qsize():
+        time.sleep(0.01)
+    assert thread.is_alive() and not result  # still gathering: the clock has not left the window
+    clock.now = 1.5
+    thread.join(timeout=300)
+    assert result == [(jobs, False)]
 
 
 def test_a_round_waits_for_the_requests_that_arrived_in_its_window_while_they_are_parsed():
@@ -338,67 +365,84 @@ def test_a_round_waits_for_the_requests_that_arrived_in_its_window_while_they_ar
     The window starts when the worker takes the round's first job (here: at once, it is queued)."""
     from rmtrain.serve import Job, Rounds
 
-    def request(rounds: Rounds, parsing: float, submitted: list, fails: bool = False) -> None:
+    def parsed(rounds: Rounds, arrived: threading.Event, finish: threading.Event, fails: bool = False) -> None:
         with rounds.arriving():
-            time.sleep(parsing)
+            arrived.set()
+            finish.wait(300)
             if not fails:
-                submitted.append(rounds.submit([]))
+                rounds.submit([])
 
-    rounds, submitted = Rounds(max_wait_s=1.0), []
-    rounds.jobs.put(first := Job([]))
-    threading.Timer(0.2, request, args=(rounds, 1.2, submitted)).start()  # arrives at 0.2 s, parsed at 1.4 s
-    jobs, stopping = rounds.take()
-    assert [job.future for job in jobs] == [first.future, *submitted] and len(submitted) == 1 and not stopping
-
-    # Arrives after the 0.6 s window: the round starts at 0.6 s. Arrives in it, its parsing fails at 0.8 s: the round
-    # waits for it until then, not to 1.2 s.
-    for arrives, parsing, fails, took in ((1.0, 0.3, False, (0.5, 0.9)), (0.2, 0.6, True, (0.7, 1.1))):
-        rounds, submitted = Rounds(max_wait_s=0.6), []
+    for arrives, fails in ((0.2, False), (1.2, False), (0.2, True)):
+        clock = Clock()
+        rounds = Rounds(max_wait_s=1.0, clock=clock)
         rounds.jobs.put(first := Job([]))
-        threading.Timer(arrives, request, args=(rounds, parsing, submitted, fails)).start()
-        start = time.monotonic()
-        assert rounds.take() == ([first], False)
-        assert took[0] <= time.monotonic() - start < took[1]
-        if not fails:
-            time.sleep(1.0)
-            assert [job.future for job in rounds.take()[0]] == submitted  # the next round's
+        thread, result = take_in_thread(rounds)  # the window: 0 to 1.0
+        clock.now = arrives
+        arrived, finish = threading.Event(), threading.Event()
+        threading.Thread(target=parsed, args=(rounds, arrived, finish, fails), daemon=True).start()
+        assert arrived.wait(300)
+        clock.now = max(clock.now, 1.1)  # the window is over while the request is parsed
+        if arrives < 1.0:  # arrived within the window: the round waits for its parsing to end
+            assert thread.is_alive() and not result
+            finish.set()
+            thread.join(timeout=300)
+        else:  # arrived after it: the round goes without it, while it is still being parsed
+            thread.join(timeout=300)
+            finish.set()
+        joined = arrives < 1.0 and not fails
+        assert len(result[0][0]) == 1 + joined and result[0][0][0] is first, (arrives, fails, result)
+
+    # Waited for at most as long again: past 2.0 the round goes without a request still being parsed.
+    clock = Clock()
+    rounds = Rounds(max_wait_s=1.0, clock=clock)
+    rounds.jobs.put(first := Job([]))
+    thread, result = take_in_thread(rounds)
+    clock.now = 0.5
+    arrived, finish = threading.Event(), threading.Event()
+    threading.Thread(target=parsed, args=(rounds, arrived, finish), daemon=True).start()
+    assert arrived.wait(300)
+    clock.now = 1.5
+    assert thread.is_alive() and not result
+    clock.now = 2.1
+    thread.join(timeout=300)
+    assert result == [([first], False)]
+    finish.set()
 
 
 def test_the_server_does_not_wait_out_its_window_once_every_connection_is_in(tiny_qwen3, tmp_path, shared_data):
-    """Over HTTP: with a 60 s gathering window, two concurrent requests (the only open connections) are answered at
-    once, so the server counts its open connections."""
+    """Over HTTP: with an hour's gathering window, two concurrent requests (the only open connections) are answered,
+    so the server counts its open connections (were it to wait out the window, the requests would not be answered)."""
     groups = hh_groups(shared_data, 2, 3)
-    server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "60000")
+    server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "3600000")
     answers: list[tuple[int, dict]] = []
     try:
-        start = time.monotonic()
-        threads = [threading.Thread(target=lambda g=g: answers.append(server.post("/score", g))) for g in groups]
+        threads = [threading.Thread(target=lambda g=g: answers.append(server.post("/score", g)), daemon=True) for g in groups]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=120)
-        elapsed = time.monotonic() - start
+            thread.join(timeout=300)
     finally:
         status = server.terminate()
-    assert [code for code, _ in answers] == [200, 200] and elapsed < 20, (answers, elapsed)
+    assert [code for code, _ in answers] == [200, 200], answers
     assert status == 0
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_qwen3, tmp_path, shared_data):
-    """Requests sent before SIGTERM (held by a 1.5 s gathering window that an idle open connection keeps open, so
-    they are surely in flight when the signal lands) are all answered with their rewards; then the server exits
-    with status 0 and refuses new connections."""
+    """Requests in flight when SIGTERM lands (the server counts them received; a 5 s gathering window, which an idle
+    open connection keeps open, holds them) are all answered with their rewards; then the server exits with status
+    0 and refuses new connections."""
     import socket
 
     groups = hh_groups(shared_data, 6, 4)
-    server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "1500")
+    server = Server(tiny_qwen3, tmp_path, "--max-wait-ms", "5000")
     answers: list[tuple[int, dict]] = []
     idle = socket.create_connection(("127.0.0.1", server.port))  # a client that has not sent its request yet
     try:
         threads = [threading.Thread(target=lambda g=g: answers.append(server.post("/score", g))) for g in groups]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)
+        while server.get("/health")[1]["requests_in_flight"] < len(groups):  # all received, held by the window
+            time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=60)

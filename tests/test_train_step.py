@@ -11,7 +11,7 @@ from torch import nn
 
 from rmtrain.batching import PAIR_KEY, collate_passes, collate_plain
 from rmtrain.config import TrainConfig
-from rmtrain.data import Group
+from rmtrain.groups import Group
 from rmtrain.model import RewardModel
 from rmtrain.tokenizer import TokenFormat
 from rmtrain.train import train_step
