@@ -187,7 +187,7 @@ def disk_fills_during_final_save(ctx: Ctx, monkeypatch: pytest.MonkeyPatch) -> N
     import rmtrain.runs
 
     def save_model_folder(model, state_dict, tokenizer, fmt, max_length, directory, **extra):
-        Path(directory).mkdir(parents=True)
+        Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "model.safetensors").write_bytes(b"\0" * 1024)  # part written, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
 
@@ -717,10 +717,11 @@ def test_user_error(case: Case, tmp_path, models, monkeypatch, fresh_accelerate_
 # docs/errors.md, rendered from what the cases printed.
 
 
-def render_doc() -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+def cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
+
+def render_doc() -> str:
     out = [
         "# Errors",
         "",
