@@ -160,27 +160,39 @@ def export(
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="A finished run or an exported folder (full model or LoRA adapter)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; set --api-key then)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a round waits for more requests to share its batches (it starts early once every open connection has sent one)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Sequences per batch at most."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Sequences per batch at most; a larger request is scored in rounds of this many, interleaved with others."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer inputs keep their last tokens; defaults to the trained length."),
     share_prefix: bool = typer.Option(True, "--share-prefix/--no-share-prefix", help="Decoders: a group's prompt computed once."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Every route but /health needs 'Authorization: Bearer KEY' (default: $RMTRAIN_API_KEY)."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="A larger request body is refused (413)."),
+    max_texts: int = typer.Option(4096, "--max-texts-per-request", help="A request of more texts is refused (413)."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a client may stall while sending its headers or body."),
+    graceful_timeout: float = typer.Option(30.0, "--graceful-timeout", help="Seconds SIGTERM/SIGINT wait for the requests in flight."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model's name in /v1/models and answers (default: MODEL)."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
-    """Serve rewards over HTTP for RL workers (OpenRLHF's /get_reward, and /score for prompt + completions)."""
+    """Serve rewards over HTTP for RL workers: OpenRLHF's /get_reward, vLLM's /classify (verl), SGLang's /v1/embeddings,
+    LLaMA-Factory's /v1/score/evaluation, and /score for a prompt's completions."""
 
     def action() -> None:
         if batch_size < 1 or max_wait_ms < 0 or not 0 < port < 65536 or (max_length is not None and max_length < 1):
             raise DataError("--batch-size and --max-length must be >= 1, --max-wait-ms >= 0, --port between 1 and 65535")
+        if max_body_mb <= 0 or max_texts < 1 or read_timeout <= 0 or graceful_timeout < 0:
+            raise DataError("--max-body-mb and --read-timeout must be > 0, --max-texts-per-request >= 1, --graceful-timeout >= 0")
         tokens = tokens_per_forward(max_tokens)
         require_extra("serve", ("fastapi", "uvicorn"), "rmtrain serve")  # before anything heavy loads
         _quiet_libraries()
         from rmtrain.log import RunLog
+        from rmtrain.serve import Door, api_key_from
         from rmtrain.serve import serve as run_serve
 
-        run_serve(model, host, port, tokens, max_wait_ms, batch_size, max_length, share_prefix, RunLog())
+        door = Door(max_body_bytes=int(max_body_mb * (1 << 20)), read_timeout_s=read_timeout, api_key=api_key_from(api_key))
+        run_serve(model, host, port, tokens, max_wait_ms, batch_size, max_length, share_prefix, RunLog(), door, max_texts,
+                  graceful_timeout, served_model_name)
 
     _run(debug, action)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from rmtrain.errors import DataError
 from rmtrain.rows import check_row, is_messages, list_scores, row_kind, row_margins
-from rmtrain.tokenizer import TokenFormat, special_token_frame
+from rmtrain.tokenizer import TokenFormat, ends_in_eos, special_token_frame
 
 
 def common_prefix(sequences: list[list[int]]) -> int:
@@ -148,7 +148,7 @@ def completion_texts(prompt: Any, completions: list[Any], where: str, tokenizer,
             raise DataError(f"{where}: the chat template refused these messages: {error}") from None
     texts = [(prompt or "") + c for c in completions]
     if fmt.append_eos:
-        texts = [t if t.endswith(fmt.append_eos) else t + fmt.append_eos for t in texts]
+        texts = [t if ends_in_eos(t, fmt.append_eos) else t + fmt.append_eos for t in texts]
     return texts, True
 
 
@@ -195,7 +195,7 @@ def tokenize_rows(
     texts = [row_texts(row, where, tokenizer, fmt) for row, where in zip(rows, wheres)]
     margins = row_margins(rows, name, row_offset) if kind == "pairs" else [None] * len(rows)
     scores = [list_scores(row, where) for row, where in zip(rows, wheres)] if kind == "lists" else [None] * len(rows)
-    ids = token_ids_of([t for row_texts_, _ in texts for t in row_texts_], texts[0][1] if texts else True, tokenizer, num_proc)
+    ids = encode([t for row_texts_, _ in texts for t in row_texts_], texts[0][1] if texts else True, tokenizer, fmt, num_proc)
     frame = special_token_frame(tokenizer) if texts and texts[0][1] else (0, 0)
     groups, start = [], 0
     for index, (row_texts_, _) in enumerate(texts):
@@ -208,7 +208,8 @@ def tokenize_rows(
             group = _list_group(index + row_offset, sequences, scores[index], max_length, truncation, frame, stats)
         if group is None:
             continue
-        check_no_pad([t for i in range(len(group.completions)) for t in group.sequence(i)], fmt, tokenizer, wheres[index])
+        for completion in group.completions:
+            check_reward_token(completion, fmt, tokenizer, wheres[index])
         groups.append(group)
         stats.lengths.extend(group.lengths())
     stats.kept = len(groups)
@@ -261,11 +262,24 @@ def _list_group(row, sequences, scores, max_length, truncation, frame, stats: Pr
     return Group.of(row, [sequences[i] for i in kept], pairs, None, [scores[i] for i in kept])
 
 
+def encode(texts: list[str], add_special: bool, tokenizer, fmt: TokenFormat, num_proc: int | None = None) -> list[list[int]]:
+    """Token ids of texts as `completion_texts` makes them: the one tokenization of training, `eval`, `score` and
+    `serve`. An exported folder's tokenizer appends the EOS itself; to a text that ends with it already it adds none
+    (`ends_in_eos`), as `completion_texts` adds none."""
+    ids = token_ids_of(texts, add_special, tokenizer, num_proc)
+    if add_special and fmt.eos_in_tokenizer:
+        eos_id, tail = tokenizer.convert_tokens_to_ids(fmt.eos_in_tokenizer), special_token_frame(tokenizer)[1]
+        for i, text in enumerate(texts):
+            at = len(ids[i]) - tail  # where the post-processor put its EOS
+            if ends_in_eos(text, fmt.eos_in_tokenizer) and 0 <= at < len(ids[i]) and ids[i][at] == eos_id:
+                ids[i] = ids[i][:at] + ids[i][at + 1 :]
+    return ids
+
+
 def token_ids_of(texts: list[str], add_special: bool, tokenizer, num_proc: int | None = None) -> list[list[int]]:
-    """`tokenizer(texts, add_special_tokens=add_special)["input_ids"]`: the one tokenization of training, `eval`,
-    `score` and `serve`. Straight from the Rust tokenizer (in parallel threads) when that is the same call: it skips
-    the offsets and the Python objects built around them. A tokenizer without a Rust backend (a Python one) runs
-    in `num_proc` processes when given (`data.num_proc`)."""
+    """`tokenizer(texts, add_special_tokens=add_special)["input_ids"]`, straight from the Rust tokenizer (in parallel
+    threads) when that is the same call: it skips the offsets and the Python objects built around them. A tokenizer
+    without a Rust backend (a Python one) runs in `num_proc` processes when given (`data.num_proc`)."""
     backend = rust_tokenizer(tokenizer)
     if backend is not None:
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special)]
@@ -302,13 +316,15 @@ def rust_tokenizer(tokenizer):
 
 
 def scoring_ids(
-    requests: list[tuple[Any, list[Any], str]], tokenizer, fmt: TokenFormat, max_length: int
+    requests: list[tuple[Any, list[Any], str]], tokenizer, fmt: TokenFormat, max_length: int, special_tokens: bool = True
 ) -> list[tuple[list[list[int]], list[bool]]]:
     """Token ids of texts to score, `(prompt, completions, where)` each (checked by rmtrain.rows): every completion as
     `completion_texts` makes it, cut from the left beyond `max_length` as `data.truncation: truncate` cuts (the
     tokenizer's special tokens kept), and which were cut; `rmtrain score`'s and `rmtrain serve`'s one tokenization.
-    A text holding the pad token is an error naming its `where`."""
+    A text ending in the pad token is an error naming its `where`. `special_tokens=False`: plain text without the
+    tokenizer's own special tokens (a BOS), as vLLM's `add_special_tokens: false`; the EOS rule still holds."""
     texts = [completion_texts(prompt, completions, where, tokenizer, fmt) for prompt, completions, where in requests]
+    texts = [(request_texts, flag and special_tokens) for request_texts, flag in texts]
     ids: list[list[list[int]]] = [[[] for _ in request_texts] for request_texts, _ in texts]
     cut: list[list[bool]] = [[False] * len(request_texts) for request_texts, _ in texts]
     for add_special in (True, False):  # plain text with the tokenizer's special tokens; chat rendered by its template
@@ -316,8 +332,8 @@ def scoring_ids(
         if not at:
             continue
         head, tail = special_token_frame(tokenizer) if add_special else (0, 0)
-        for (r, c), seq in zip(at, token_ids_of([texts[r][0][c] for r, c in at], add_special, tokenizer)):
-            check_no_pad(seq, fmt, tokenizer, requests[r][2])
+        for (r, c), seq in zip(at, encode([texts[r][0][c] for r, c in at], add_special, tokenizer, fmt)):
+            check_reward_token(seq, fmt, tokenizer, requests[r][2])
             ids[r][c], cut[r][c] = truncate_left(seq, max_length, head, tail), len(seq) > max_length
     return list(zip(ids, cut))
 
@@ -332,10 +348,12 @@ def token_ids(groups: list[Group], pad_token_id: int) -> list[int]:
     return sorted(ids)
 
 
-def check_no_pad(ids: list[int], fmt: TokenFormat, tokenizer, where: str) -> None:
-    if not fmt.is_encoder and fmt.pad_token_id in ids:
+def check_reward_token(ids: list[int], fmt: TokenFormat, tokenizer, where: str) -> None:
+    """A decoder's reward is read at a sequence's last token; the pad token there would hide it from transformers'
+    last-non-pad pooling (the pad token inside a text is read as any other token)."""
+    if not fmt.is_encoder and ids and ids[-1] == fmt.pad_token_id:
         pad = tokenizer.convert_ids_to_tokens(fmt.pad_token_id)
         raise DataError(
-            f"{where}: contains the pad token {pad!r}, which would hide the reward token from transformers' "
-            "last-non-pad pooling; set model.pad_token to a token your data never uses, or remove it from the row"
+            f"{where}: ends in the pad token {pad!r}, where the reward is read (transformers' last-non-pad pooling "
+            "would skip it); remove it from the end, or set model.pad_token to a token your data never ends with"
         )

@@ -43,6 +43,7 @@ def check_messages(messages: Any, where: str) -> None:
             raise DataError(f"{where}: message {i} has unknown role {shown} (expected one of {', '.join(sorted(ROLES))})")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i} 'content' must be a string, got {_kind(content)}")
+        check_unicode(content, f"{where}: message {i} 'content'")
 
 
 def check_texts(prompt: Any, completions: list[tuple[str, Any]], where: str) -> None:
@@ -63,6 +64,18 @@ def check_texts(prompt: Any, completions: list[tuple[str, Any]], where: str) -> 
     for name, value in completions:
         if not value.strip():
             raise DataError(f"{where}: '{name}' is empty; fill it in or remove it")
+    for name, value in [("prompt", prompt), *completions]:
+        if value is not None:
+            check_unicode(value, f"{where}: '{name}'")
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Text a tokenizer can read: a lone surrogate (a JSON `\\ud800` escape without its pair) is no character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where}: not valid Unicode (a lone surrogate {text[error.start]!r} at character {error.start}); "
+                        "send UTF-8 text") from None
 
 
 def _kind(value: Any) -> str:

@@ -18,12 +18,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from rmtrain.config import Recipe
 from rmtrain.embedding import plain_state_dict, restore_full_embedding
 from rmtrain.engine import is_sharded, unpartitioned_loading
 from rmtrain.errors import ResourceError, RunDirError, first_line
 from rmtrain.log import RunLog, truncate_metrics_file
-from rmtrain.saved import atomic_folder, merged_from_disk, put_in_place, save_model_folder, temporary_folder
+from rmtrain.saved import atomic_folder, load_saved, merged_in_fp32, put_in_place, save_model_folder, temporary_folder
 
 RUN_MARKERS = ("recipe.yaml", "run_info.json", "metrics.jsonl", "checkpoints")
 STATE_FILE = "training_state.json"
@@ -187,13 +189,14 @@ def save_final(accelerator, model, rm, recipe: Recipe, out: Path) -> None:
     with write_failures("the final model", out), atomic_folder(out, merge_into=True) as tmp:
         save_model_folder(unwrapped, state_dict, rm.tokenizer, rm.fmt, max_length, tmp, dtype=rm.weights_dtype)
         shutil.copy(out / "recipe.yaml", tmp / "recipe.yaml")
-    if recipe.lora is not None and recipe.lora.merge:
-        # The adapter just written, merged in fp32 on the CPU (sharded parameters cannot be merged in place), written
-        # in the base's dtype.
+    if recipe.lora is not None and recipe.lora.merge:  # merged in fp32 on the CPU, written in the base's dtype
         with write_failures("the merged model", out), atomic_folder(out / "merged") as tmp:
-            with unpartitioned_loading(accelerator):
-                merged = merged_from_disk(out)
-            save_model_folder(merged, None, rm.tokenizer, rm.fmt, max_length, tmp, dtype=rm.weights_dtype)
+            if sharded:  # its parameters are shards: the adapter just written, over a base loaded whole
+                with unpartitioned_loading(accelerator):
+                    peft_model = load_saved(out, dtype=torch.float32)[0].model
+            else:  # training is over: the model itself, on the CPU
+                peft_model = unwrapped
+            save_model_folder(merged_in_fp32(peft_model), None, rm.tokenizer, rm.fmt, max_length, tmp, dtype=rm.weights_dtype)
 
 
 class BestModel:

@@ -141,6 +141,7 @@ def load_saved_text(path: str | Path) -> SavedText:
         append_eos=saved_format.get("append_eos", None if is_encoder else tokenizer.eos_token),
         pad_token_id=tokenizer.pad_token_id,
         is_encoder=is_encoder,
+        eos_in_tokenizer=saved_format.get("eos_added_by_tokenizer"),
     )
     return SavedText(tokenizer, fmt, saved_format.get("max_length"), saved_format)
 
@@ -196,7 +197,7 @@ def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
     return peft.PeftModel.from_pretrained(base, str(path))
 
 
-def merged_from_disk(folder: Path) -> nn.Module:
-    """The adapter in `folder` merged into its base in fp32 (one rounding when written in the base's dtype, not a
-    bf16 sum of a bf16-rounded update), loaded on the CPU: the training model, sharded or not, is left as it is."""
-    return load_saved(folder, dtype=torch.float32)[0].model.merge_and_unload()
+def merged_in_fp32(model: nn.Module) -> nn.Module:
+    """A LoRA model's adapter folded into its base in fp32 on the CPU (one rounding when written in the base's dtype,
+    not a bf16 sum of a bf16-rounded update); `model` is merged in place, and is no use as a PEFT model after."""
+    return model.to("cpu", torch.float32).merge_and_unload()

@@ -22,9 +22,18 @@ class TokenFormat:
     """EOS token appended to standard text that does not end with it (decoders only)."""
     pad_token_id: int
     is_encoder: bool
+    eos_in_tokenizer: str | None = None
+    """The EOS the tokenizer's post-processor appends itself (an exported folder, rmtrain.export): a text that ends
+    with it already keeps one, as with `append_eos`."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"append_eos": self.append_eos, "pad_token_id": self.pad_token_id, "is_encoder": self.is_encoder}
+
+
+def ends_in_eos(text: str, eos: str) -> bool:
+    """The one rule for a text that already ends with the EOS (whitespace after it, as a chat template writes, counted
+    as its end): no second one is added, by rmtrain or by an exported folder's tokenizer."""
+    return text.rstrip().endswith(eos)
 
 
 def save_format(directory: str | Path, fmt: TokenFormat, max_length: int, **extra: Any) -> None:

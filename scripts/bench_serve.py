@@ -125,7 +125,8 @@ def server_scorer(folder: Path):
 
     from rmtrain.inference import prepare_inference
     from rmtrain.saved import load_saved, scoring_max_length
-    from rmtrain.serve import Scorer, Tokens
+    from rmtrain.rounds import Scorer
+    from rmtrain.routes import Tokens
 
     rm, max_length = load_saved(str(folder))
     return Scorer(prepare_inference(rm, "auto", 64), 0.005), Tokens(rm, scoring_max_length(None, max_length))
@@ -137,18 +138,19 @@ def alternating(folder: Path, groups: list[dict]) -> dict:
     above feel one at a time; here the drift falls on both alike. The ratio of their summed times is what the
     server's forward buys on these groups (the prompt once, no padding), without HTTP, clients or batching across
     requests."""
-    from rmtrain.serve import Job, parse_score
+    from rmtrain.rounds import Job
+    from rmtrain.routes import parse_score
 
     score = grpo_scoring(folder)
     scorer, tokens = server_scorer(folder)
     score(groups[0])  # warm-up, both
-    scorer.score([Job(parse_score(groups[0], tokens).groups)])
+    scorer.score([Job(parse_score(groups[0], tokens).groups).next_part()])
     seconds = {"a": 0.0, "server": 0.0}
     for group in groups:
         t0 = time.perf_counter()
         score(group)
         t1 = time.perf_counter()
-        scorer.score([Job(parse_score(group, tokens).groups)])
+        scorer.score([Job(parse_score(group, tokens).groups).next_part()])
         seconds["a"] += t1 - t0
         seconds["server"] += time.perf_counter() - t1
     scorer.stop()
@@ -187,9 +189,9 @@ def run_clients(groups: list[dict], clients: int, requests: int, rewards_of) -> 
 
 def without_http(folder: Path, groups: list[dict], clients: int, requests: int) -> dict:
     """(d): what (c) does without HTTP: the same clients as threads of this process, each parsing and tokenizing its
-    group (`rmtrain.serve.parse_score`) and handing it to the server's `Scorer` (server defaults). (c) against (d) is
+    group (`rmtrain.routes.parse_score`) and handing it to the server's `Scorer` (server defaults). (c) against (d) is
     what HTTP, JSON and the client processes cost."""
-    from rmtrain.serve import parse_score
+    from rmtrain.routes import parse_score
 
     scorer, tokens = server_scorer(folder)
     result: dict = {}

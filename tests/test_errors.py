@@ -342,6 +342,18 @@ def port_taken(ctx: Ctx) -> list[str]:
     return ["serve", ctx.models["tiny-qwen3"], "--port", str(holder.getsockname()[1])]
 
 
+def truncated_weights(ctx: Ctx) -> list[str]:
+    import shutil
+
+    folder = ctx.tmp / "truncated"
+    shutil.copytree(ctx.models["tiny-qwen3"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    from tests.launch import free_port
+
+    return ["serve", str(folder), "--port", str(free_port())]
+
+
 def existing_pairs_file(ctx: Ctx) -> list[str]:
     lists = ctx.data(LIST_ROWS, name="lists.jsonl")
     out = ctx.data(GOOD_ROWS, name="pairs.jsonl")
@@ -603,6 +615,11 @@ CASES += [
          ["rmtrain serve needs fastapi, which is not installed: pip install 'rmtrain[serve]'"], patch=block_fastapi_import),
     Case("serve-port-taken", "eval, score, export, serve, plot, binarize", "`rmtrain serve --port P` where another process listens on P",
          port_taken, ["--host 127.0.0.1 --port <port>: cannot listen there (Address already in use); pick another port"]),
+    Case("serve-truncated-weights", "eval, score, export, serve, plot, binarize", "`rmtrain serve` on a folder whose `model.safetensors` is cut short",
+         truncated_weights, ["<tmp>/truncated: cannot load the model: "]),
+    Case("serve-host-everywhere", "eval, score, export, serve, plot, binarize", "`rmtrain serve MODEL --host \"\"` (every interface, unsaid)",
+         lambda c: ["serve", c.models["tiny-qwen3"], "--host", ""],
+         ["--host '': to listen on every interface, say so: --host 0.0.0.0 (and set --api-key)"]),
     Case("plot-not-a-run", "eval, score, export, serve, plot, binarize", "`rmtrain plot` on a folder without metrics.jsonl",
          lambda c: ["plot", str(notes_folder(c)), "--out", str(c.tmp / "curves.png")],
          ["<tmp>/notes: no metrics.jsonl (is it an rmtrain run folder?)"]),

@@ -94,7 +94,7 @@ def test_list_columns_are_mapped_like_pair_columns(qwen, shared_data, tmp_path):
     ({"completions": ["a", "b"], "scores": [1]}, "row 1: 'scores' must hold one value per completion (2), got 1 values"),
     ({"completions": ["a", "b"], "ranks": [0, 1]}, "row 1: ranks[0] must be a whole number >= 1 (1 is best), got 0"),
     ({"completions": ["a", "b"], "scores": [1, float("nan")]}, "row 1: scores[1] must be a finite number, got nan"),
-    ({"completions": ["a", ""], "scores": [1, 2]}, "row 1: empty completions[1] text"),
+    ({"completions": ["a", ""], "scores": [1, 2]}, "row 1: 'completions[1]' is empty"),
 ])
 def test_bad_list_rows_are_named(qwen, row, message):
     with pytest.raises(DataError) as error:

@@ -83,7 +83,9 @@ def test_shipped_recipe_runs_in_its_own_dtype_then_eval_score_serve_export(name,
     from rmtrain.saved import load_saved
     from rmtrain.score import run_score
     from rmtrain.inference import prepare_inference
-    from rmtrain.serve import Scorer, Tokens, create_app
+    from rmtrain.rounds import Scorer
+    from rmtrain.routes import Tokens
+    from rmtrain.serve import create_app
 
     recipe = yaml.safe_load((ROOT / "recipes" / name).read_text())
     tree = offline(recipe, tiny_qwen3, minilm, shared_data, tmp_path / "run")
