@@ -106,7 +106,6 @@ def test_identical_pairs_are_dropped_and_counted(qwen_tok, qwen_fmt):
     [
         # The other bad rows are cases of tests/test_errors.py, through the CLI.
         ({"chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "row 1: mixes plain strings and message lists"),
-        ({"chosen": "a<|endoftext|>", "rejected": "b"}, "row 1: contains the pad token '<|endoftext|>'"),
     ],
 )
 def test_bad_rows_are_named(qwen_tok, qwen_fmt, row, message):
@@ -114,6 +113,16 @@ def test_bad_rows_are_named(qwen_tok, qwen_fmt, row, message):
         tokenize_rows([row], "pairs.jsonl", qwen_tok, qwen_fmt, 64, "filter")
     assert message in str(info.value)
     assert str(info.value).startswith("pairs.jsonl: row 1")
+
+
+def test_the_pad_token_is_refused_only_where_the_reward_is_read(qwen_tok, qwen_fmt):
+    """Inside a text the pad token is a token as any other (transformers pools the last non-pad token); at the end of
+    a decoder's sequence, where the reward is read, it would be skipped by that pooling: one line naming the row."""
+    kept, _ = tokenize_rows([{"chosen": "a<|endoftext|>", "rejected": "b"}], "pairs.jsonl", qwen_tok, qwen_fmt, 64, "filter")
+    assert qwen_tok.pad_token_id in kept[0].sequence(0)[:-1] and kept[0].sequence(0)[-1] == qwen_tok.eos_token_id
+    no_eos = TokenFormat(append_eos=None, pad_token_id=qwen_tok.pad_token_id, is_encoder=False)
+    with pytest.raises(DataError, match=r"^pairs.jsonl: row 1: ends in the pad token '<\|endoftext\|>', where the reward is read"):
+        tokenize_rows([{"chosen": "a<|endoftext|>", "rejected": "b"}], "pairs.jsonl", qwen_tok, no_eos, 64, "filter")
 
 
 def test_read_rows_columns_where_skip_limit(tmp_path):
