@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,24 @@ from tests.launch import free_port
 
 pytestmark = pytest.mark.shared_data
 
+
+
+def read_reply(connection) -> str:
+    """One whole HTTP reply from a raw socket: the headers and the body may come in separate packets."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = connection.recv(65536)
+        if not part:
+            return data.decode()
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        part = connection.recv(65536)
+        if not part:
+            break
+        body += part
+    return (head + b"\r\n\r\n" + body).decode()
 
 def hh_groups(shared_data: Path, count: int, size: int, seed: int = 0) -> list[dict]:
     """Prompts of HH conversations (up to the last "Assistant:") with `size` completions each: the row's own
@@ -243,7 +262,7 @@ def test_a_client_that_stalls_is_cut(door):
 
     with socket.create_connection(("127.0.0.1", door.port), timeout=120) as stalled:
         stalled.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"query\": [")
-        reply = stalled.recv(65536).decode()
+        reply = read_reply(stalled)
     assert reply.startswith("HTTP/1.1 408") and "--read-timeout" in reply, reply
     with socket.create_connection(("127.0.0.1", door.port), timeout=120) as stalled:
         stalled.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Le")
@@ -500,7 +519,7 @@ def test_sigterm_with_a_client_stalled_in_its_body_answers_it_503_and_exits_0(ti
         while server.get("/health")[1]["requests_in_flight"] < 1:
             time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
-        reply = stalled.recv(65536).decode()
+        reply = read_reply(stalled)
     status = server.process.wait(timeout=300)
     assert reply.startswith("HTTP/1.1 503") and "shutting down" in reply, reply
     assert status == 0 and "Traceback" not in server.log.read_text(), server.log.read_text()[-3000:]
