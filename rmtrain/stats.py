@@ -37,28 +37,36 @@ class Bootstrap:
     """`resamples` stratified resamples of clusters, drawn with a seeded generator (the same seed, the same draws):
     in each resample every stratum draws as many of its clusters as it has, with replacement."""
 
+    DRAWS_AT_ONCE = 1 << 22
+    """Draws made (and counted) per block of resamples: a large eval set never holds all its draws at once."""
+
     def __init__(self, stratum: torch.Tensor, resamples: int, seed: int = 0):
         self.resamples, self.seed = resamples, seed
         generator = torch.Generator().manual_seed(seed)
         n = int(stratum.numel())
-        offsets = (torch.arange(resamples) * n)[:, None]
-        drawn = []
-        for s in range(int(stratum.max()) + 1 if n else 0):
-            members = torch.nonzero(stratum == s).flatten()
-            drawn.append((members[torch.randint(len(members), (resamples, len(members)), generator=generator)] + offsets).flatten())
-        index = torch.cat(drawn) if drawn else torch.zeros(0, dtype=torch.long)
-        self.counts = torch.bincount(index, minlength=resamples * n).reshape(resamples, n).double()
-        """[resamples, clusters]: how often each cluster is drawn in each resample."""
+        members = [torch.nonzero(stratum == s).flatten() for s in range(int(stratum.max()) + 1 if n else 0)]
+        block = max(1, self.DRAWS_AT_ONCE // max(n, 1))
+        blocks = []
+        for first in range(0, resamples, block):
+            rows = min(block, resamples - first)
+            offsets = (torch.arange(rows) * n)[:, None]
+            drawn = [(m[torch.randint(len(m), (rows, len(m)), generator=generator)] + offsets).flatten() for m in members]
+            index = torch.cat(drawn) if drawn else torch.zeros(0, dtype=torch.long)
+            blocks.append(torch.bincount(index, minlength=rows * n).reshape(rows, n).to(torch.uint8))
+        # A prompt is drawn a handful of times at most (about log n / log log n), so a byte per count suffices.
+        self.counts = torch.cat(blocks) if blocks else torch.zeros(0, n, dtype=torch.uint8)
+        """[resamples, clusters], uint8: how often each cluster is drawn in each resample."""
 
     def ratio(self, numerator: torch.Tensor, denominator: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
         """Per resample, sum(numerator) / sum(denominator) over the items drawn (given per item, with each item's
         cluster): a cluster drawn twice counts its items twice."""
         n = self.counts.shape[1]
-        sums = torch.zeros(2, n, dtype=torch.float64)
-        sums[0].index_add_(0, cluster, numerator.double())
-        sums[1].index_add_(0, cluster, denominator.double())
-        top, bottom = (self.counts @ sums.T).unbind(1)
-        return top / bottom
+        sums = torch.zeros(n, 2, dtype=torch.float64)
+        sums[:, 0].index_add_(0, cluster, numerator.double())
+        sums[:, 1].index_add_(0, cluster, denominator.double())
+        rows = max(1, self.DRAWS_AT_ONCE // max(n, 1))
+        totals = torch.cat([chunk.double() @ sums for chunk in self.counts.split(rows)])
+        return totals[:, 0] / totals[:, 1]
 
 
 @dataclass
