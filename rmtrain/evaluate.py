@@ -4,6 +4,7 @@ bootstrap interval and baselines (rmtrain.outcomes) and, for several models, the
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from rmtrain.diagnostics import (
     subset_accuracy,
     top1_correct,
 )
-from rmtrain.errors import DataError
+from rmtrain.errors import DataError, ModelError
 from rmtrain.groups import Group, rust_tokenizer, tokenize_rows
 from rmtrain.inference import evaluate_pairs, inference_set, prepare_inference
 from rmtrain.log import RunLog
@@ -210,6 +211,27 @@ def model_labels(paths: list[str]) -> list[str]:
     return [chr(ord("A") + i) if i < 26 else f"M{i + 1}" for i in range(len(paths))]
 
 
+def check_weights(path: str) -> None:
+    """What loading a model's weights needs, checked for every model before the first one is scored, so that a
+    comparison does not fail half way: a weights file, and an adapter's base model folder where it names one (as
+    `load_saved` will look for it; a Hub id is only looked up then)."""
+    folder = Path(path)
+    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf")):
+        raise ModelError(f"{path}: holds no weights (no .safetensors, .bin or .gguf file); give a finished run or a model folder")
+    if folder_kind(folder) != "adapter":
+        return
+    recipe_file = folder / "recipe.yaml"
+    if recipe_file.is_file():
+        from rmtrain.config import load_recipe
+
+        base, source = load_recipe(recipe_file).model.name_or_path, "recipe.yaml model.name_or_path"
+    else:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        source = "adapter_config.json base_model_name_or_path"
+    if not base or (base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir()):
+        raise ModelError(f"{path}: its base model {base!r} ({source}) is not there; put it back, or fix that path")
+
+
 def check_runs_share_eval_set(paths: list[str], runs: list[RunData]) -> None:
     """Runs compared without --data must have drawn the same eval set: the same data.eval sources, or the same
     data.eval_fraction of the same data.train with the same seed."""
@@ -260,6 +282,9 @@ def run_eval(
     # folder is reported before a model takes its time to load.
     parts, runs = read_parts(paths, data_path, split, subset_field)
     texts = [load_saved_text(path) for path in paths]
+    if len(paths) > 1:
+        for path in paths:
+            check_weights(path)
     is_main = PartialState().is_main_process
     log = log or RunLog(enabled=is_main)
     keys = tokenize_parts(parts, runs, texts, max_length, truncation, subset_field, log)
