@@ -74,8 +74,8 @@ def tokens_per_forward(value: str) -> int | str | None:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Argument(..., help="A saved model or run folder (full model or LoRA adapter)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Pairs or lists: local file/folder or Hub dataset id (default: a run's own eval sources, each on its own)."),
+    models: List[str] = typer.Argument(..., help="Saved model or run folders (full model or LoRA adapter); several are compared on the same rows."),
+    data: Optional[str] = typer.Option(None, "--data", help="Pairs, lists or RewardBench 2 rows: local file/folder or Hub dataset id (default: a run's own eval sources, each on its own)."),
     split: str = typer.Option("train", "--split", help="Split (Hub datasets)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Defaults to the length the model was trained with."),
     truncation: Optional[str] = typer.Option(None, "--truncation", help="filter (drop longer pairs, as TRL; the default with --data) or truncate; a run's own eval sources default to the run's."),
@@ -88,20 +88,27 @@ def eval_command(
         None, "--report", help="Folder for metrics.json, pairs.jsonl (per-pair rewards) and PNG plots."
     ),
     max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Resamples of prompts for the 95% intervals and paired differences (0: none)."),
+    bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="Seed of the resamples: the same seed, the same intervals."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
-    """Evaluate a saved reward model on preference pairs or ranked lists."""
+    """Evaluate saved reward models on preference pairs, ranked lists or RewardBench 2 rows; several side by side."""
 
     def action() -> None:
         if batch_size < 1 or (max_length is not None and max_length < 1):
             raise DataError("--batch-size and --max-length must be >= 1")
         if truncation not in (None, "filter", "truncate"):
             raise DataError(f"--truncation: expected filter or truncate, got {truncation!r}")
+        if bootstrap < 0 or bootstrap == 1:
+            raise DataError(f"--bootstrap: expected 0 (no intervals) or at least 2 resamples, got {bootstrap}")
+        if not 0 <= bootstrap_seed < 2**63:
+            raise DataError(f"--bootstrap-seed: expected a number in [0, 2^63), got {bootstrap_seed}")
         tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
         from rmtrain.evaluate import run_eval
 
-        run_eval(model, data, split, max_length, truncation, batch_size, json_out, subset_field, report, None, tokens)
+        run_eval(models, data, split, max_length, truncation, batch_size, json_out, subset_field, report, None, tokens,
+                 bootstrap, bootstrap_seed)
 
     _run(debug, action)
 

@@ -99,8 +99,18 @@ class LoraConfig:
 
 @dataclass
 class KeepBest:
-    metric: Literal["accuracy", "loss"] = "accuracy"
-    """accuracy: higher is better; loss (Bradley-Terry): lower is better."""
+    metric: Literal["accuracy", "loss", "bestofk_regret"] = "accuracy"
+    """accuracy: higher is better; loss (Bradley-Terry): lower is better; bestofk_regret (ranked lists with scores: the
+    normalized regret of the completion the model ranks first, rmtrain.diagnostics.best_of_k): lower is better."""
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in ("loss", "bestofk_regret")
+
+    @property
+    def needs_lists(self) -> bool:
+        """The metric exists only where the eval set holds ranked lists."""
+        return self.metric == "bestofk_regret"
 
 
 @dataclass

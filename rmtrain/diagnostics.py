@@ -3,7 +3,10 @@
 - per-subset accuracy and RewardBench section scores,
 - calibration of sigmoid(margin) (expected calibration error, reliability bins),
 - length bias (Spearman rank correlation of reward with response length; accuracy when the chosen
-  response is the longer vs the shorter one).
+  response is the longer vs the shorter one) and the content-blind baselines "the longer wins" and "the shorter
+  wins",
+- ranked lists: top-1 accuracy, Kendall's tau, best-of-K (the score of the completion the model ranks first,
+  against the list's best and mean) and the baselines "longest", "shortest" and "random" (expected values).
 """
 
 from __future__ import annotations
@@ -166,6 +169,13 @@ def length_bias(
     }
 
 
+def longer_wins(chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """Per pair, the score of the content-blind ruler "the longer response wins": 1 when the chosen response has
+    more tokens, 0 when fewer, 1/2 when both have as many (a ruler that cannot tell picks at random: its expected
+    score). "The shorter wins" scores 1 minus this."""
+    return (torch.sign(chosen_tokens - rejected_tokens).double() + 1) / 2
+
+
 # --------------------------------------------------------------------------------------------------
 # Ranked lists
 
@@ -197,13 +207,39 @@ def kendall_tau(rewards: torch.Tensor, scores: list[float]) -> float | None:
     return (concordant - discordant) / denominator if denominator else None
 
 
+def expected_top1(values: Sequence[float], scores: Sequence[float], lowest: bool = False) -> float:
+    """The top-1 accuracy of picking the completion with the highest `values` (the lowest with `lowest`), ties broken
+    at random: the share of the completions tied for that pick that are among the highest-scored."""
+    target = min(values) if lowest else max(values)
+    picked = [s for v, s in zip(values, scores) if v == target]
+    return sum(s == max(scores) for s in picked) / len(picked)
+
+
+def best_of_k(rewards: torch.Tensor, scores: Sequence[float]) -> dict[str, float]:
+    """Best-of-K on one graded list of K completions: `picked`, the score of the completion the model ranks first
+    (as top-1 picks it); the list's `best` and `mean` scores; and `regret` = (best - picked) / (best - mean): 0 when
+    the model picks a best completion, 1 when its pick is as good as a random one (on average), above 1 worse. A
+    list that implies a pair has two different scores, so best > mean."""
+    picked = scores[int(torch.argmax(rewards))]
+    best, average = max(scores), sum(scores) / len(scores)
+    return {"picked": picked, "best": best, "mean": average, "regret": (best - picked) / (best - average)}
+
+
 def list_stats(scores: list[list[float] | None], rewards: list[torch.Tensor]) -> dict[str, Any]:
     """Over the ranked lists among the groups (pairs without scores are left out): how many, top-1 accuracy,
-    and the mean Kendall tau per list (over the lists where it is defined)."""
+    the mean Kendall tau per list (over the lists where it is defined), and best-of-K: the mean over lists of the
+    picked, best and mean scores and of the normalized regret (`best_of_k`; `train.keep_best` can select on
+    `bestofk_regret`)."""
     lists = [(s, r) for s, r in zip(scores, rewards) if s is not None]
     taus = [t for t in (kendall_tau(r, s) for s, r in lists) if t is not None]
+    picks = [best_of_k(r, s) for s, r in lists]
+    average = lambda key: sum(p[key] for p in picks) / len(picks) if picks else None  # noqa: E731
     return {
         "num_lists": len(lists),
         "top1_accuracy": sum(top1_correct(r, s) for s, r in lists) / len(lists) if lists else None,
         "mean_kendall_tau": sum(taus) / len(taus) if taus else None,
+        "bestofk_picked_score": average("picked"),
+        "bestofk_best_score": average("best"),
+        "bestofk_mean_score": average("mean"),
+        "bestofk_regret": average("regret"),
     }

@@ -19,17 +19,38 @@ def _value(value: Any) -> str:
 
 
 def summary_values(results: dict[str, Any]) -> dict[str, Any]:
-    """The scalar metrics of the main table, with the headline diagnostics."""
+    """The scalar metrics of the main table, with the headline diagnostics; accuracies with their 95% interval and
+    beside them what the content-blind rulers score."""
     values = {k: v for k, v in results.items() if not isinstance(v, (dict, list, str)) and k != "rewardbench_score"}
+    for key, interval in (("accuracy", "accuracy_interval"), ("top1_accuracy", "top1_interval"), ("bestofk_regret", "bestofk_regret_interval")):
+        if results.get(interval) is not None and values.get(key) is not None:
+            values[key] = with_interval(values[key], results[interval])
+    baselines = results.get("baselines", {})
+    for key, label in (("longer_wins", "baseline: longer wins"), ("shorter_wins", "baseline: shorter wins"),
+                       ("top1_longest", "baseline: top-1 of longest"), ("top1_random", "baseline: top-1 of random")):
+        if key in baselines:
+            values[label] = baselines[key]
     values["ece"] = results["calibration"]["ece"]
     values["spearman_reward_length"] = results["length_bias"]["spearman_reward_length"]
     return values
 
 
-def print_results(log: RunLog, title: str, results: dict[str, Any]) -> None:
+def with_interval(value: Any, interval: list[float] | None, digits: int | None = None) -> str:
+    """"0.6365 [0.5946, 0.6767]": a number and its 95% interval (the number alone without one); `digits`: that many
+    decimals (a table of several models, narrower)."""
+    if value is None:
+        return "-"
+    show = _fmt if digits is None else (lambda x: f"{x:.{digits}f}")  # noqa: E731
+    return show(value) if interval is None else f"{show(value)} [{show(interval[0])}, {show(interval[1])}]"
+
+
+def print_results(log: RunLog, title: str, results: dict[str, Any], brief: bool = False) -> None:
+    """The results as tables; `brief`: the main table only (one model of several, whose comparison follows)."""
     if not log.enabled:
         return
     log.table(title, summary_values(results))
+    if brief:
+        return
     console = log.console
 
     if "subsets" in results:
@@ -39,26 +60,38 @@ def print_results(log: RunLog, title: str, results: dict[str, Any]) -> None:
         for section, counts in REWARDBENCH_SECTIONS.items():
             section_of.update({s: section for s in counts})
         lists = "num_lists" in results
-        table = Table(title=f"accuracy per {results['subset_field']}")
-        columns = [("subset", "left"), ("pairs", "right"), ("accuracy", "right")]
+        table = Table(title=f"accuracy per {results['subset_field']} (95% intervals)")
+        columns = [("subset", "left"), ("pairs", "right"), ("accuracy", "right"), ("longer wins", "right"), ("shorter wins", "right")]
         columns += [("lists", "right"), ("top-1", "right"), ("Kendall tau", "right")] if lists else []
         for column, justify in columns + [("section", "left")]:
             table.add_column(column, justify=justify)
         for subset, entry in results["subsets"].items():
-            cells = [subset, str(entry["pairs"]), _fmt(entry["accuracy"])]
+            cells = [subset, str(entry["pairs"]), with_interval(entry["accuracy"], entry.get("accuracy_interval")),
+                     _value(entry.get("longer_wins")), _value(entry.get("shorter_wins"))]
             if lists:
-                cells += [str(entry.get("num_lists", 0)), _value(entry.get("top1_accuracy")), _value(entry.get("mean_kendall_tau"))]
+                cells += [str(entry.get("num_lists", 0)), with_interval(entry.get("top1_accuracy"), entry.get("top1_interval")),
+                          _value(entry.get("mean_kendall_tau"))]
             table.add_row(*cells, section_of.get(subset, "-"))
+        if "subset_mean" in results:
+            blank = [""] * (len(columns) - 3)
+            mean, worst = results["subset_mean"], results["worst_subset"]
+            table.add_row("mean of subsets", "", with_interval(mean["accuracy"], mean["interval"]), *blank, "")
+            table.add_row(f"worst: {worst['subset']}", "", with_interval(worst["accuracy"], worst["interval"]), *blank, "")
         console.print(table)
     if results.get("sections"):
+        intervals = results.get("section_intervals", {})
         table = Table(title="RewardBench sections")
         table.add_column("section")
         table.add_column("score", justify="right")
         for section, score in results["sections"].items():
-            table.add_row(section, _fmt(score))
+            table.add_row(section, with_interval(score, intervals.get(section)))
         if results.get("rewardbench_score") is not None:
-            table.add_row("mean of the 4 sections", _fmt(results["rewardbench_score"]))
+            table.add_row("mean of the 4 sections", with_interval(results["rewardbench_score"], results.get("rewardbench_score_interval")))
         console.print(table)
+    if results.get("bestofk_regret") is not None:
+        print_best_of_k(console, results)
+    if "rewardbench2" in results:
+        print_rewardbench2(console, results["rewardbench2"])
 
     calibration = results["calibration"]
     table = Table(title=f"calibration: ECE {_fmt(calibration['ece'])}")
@@ -76,6 +109,126 @@ def print_results(log: RunLog, title: str, results: dict[str, Any]) -> None:
     table.add_row("longer", str(bias["pairs_chosen_longer"]), _value(bias["accuracy_chosen_longer"]))
     table.add_row("shorter", str(bias["pairs_chosen_shorter"]), _value(bias["accuracy_chosen_shorter"]))
     table.add_row("same length", str(bias["pairs_same_length"]), "-")
+    console.print(table)
+
+
+def print_best_of_k(console, results: dict[str, Any]) -> None:
+    """Best-of-K on graded lists: the score of the model's pick against the list's best and mean, the normalized regret,
+    and the rulers "longest" (its regret) and "random" (regret 1 by definition)."""
+    table = Table(title="best-of-K on graded lists: score of the top-ranked completion (95% intervals)")
+    for column in ("scope", "lists", "picked", "best", "mean", "regret", "regret of longest", "top-1", "top-1 of longest",
+                   "top-1 of shortest", "top-1 of random"):
+        table.add_column(column, justify="left" if column == "scope" else "right")
+    scopes = [("all", results, results.get("baselines", {}))]
+    scopes += [(name, entry, entry) for name, entry in results.get("subsets", {}).items() if entry.get("num_lists")]
+    for name, entry, baselines in scopes:
+        table.add_row(name, str(entry["num_lists"]), _value(entry["bestofk_picked_score"]), _value(entry["bestofk_best_score"]),
+                      _value(entry["bestofk_mean_score"]), with_interval(entry["bestofk_regret"], entry.get("bestofk_regret_interval")),
+                      _value(baselines.get("bestofk_longest_regret")), with_interval(entry["top1_accuracy"], entry.get("top1_interval")),
+                      _value(baselines.get("top1_longest")), _value(baselines.get("top1_shortest")), _value(baselines.get("top1_random")))
+    console.print(table)
+
+
+def print_rewardbench2(console, block: dict[str, Any]) -> None:
+    """RewardBench 2: per subset, the score (best-of-N, or the Ties formula) and the same score of the rulers."""
+    dropped = f", {block['rows_dropped']} left out (a completion longer than max_length)" if block["rows_dropped"] else ""
+    table = Table(title=f"RewardBench 2: {block['rows']} rows{dropped} (95% intervals)")
+    for column, justify in (("subset", "left"), ("rows", "right"), ("score", "right"), ("longest wins", "right"),
+                            ("shortest wins", "right"), ("chance", "right")):
+        table.add_column(column, justify=justify)
+    for name, entry in block["subsets"].items():
+        table.add_row(name, str(entry["rows"]), with_interval(entry["score"], entry["interval"]), _value(entry["longest"]),
+                      _value(entry["shortest"]), _value(entry["chance"]))
+    if block.get("score") is not None:
+        table.add_row(f"mean of {len(block['subsets_in_score'])} subsets", "", with_interval(block["score"], block["interval"]), "", "", "")
+        worst = block["worst_subset"]
+        table.add_row(f"worst: {worst['subset']}", "", with_interval(worst["score"], worst["interval"]), "", "", "")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several models
+
+
+def _count_key(name: str) -> str:
+    """The count behind a compared metric: its pairs, lists or RewardBench 2 rows."""
+    scope, _, leaf = name.rpartition("/")
+    prefix = scope + "/" if scope else ""
+    if leaf == "accuracy":
+        return prefix + "pairs"
+    if leaf == "top1_accuracy" or leaf.startswith("bestofk"):
+        return prefix + "lists"
+    return prefix + "rows" if scope.startswith("rewardbench2/subsets/") else "rewardbench2/rows" if name == "rewardbench2/score" else ""
+
+
+def _compared_metric(name: str) -> tuple[str, str]:
+    """(scope, metric) of a comparison metric's name, for the table."""
+    parts = name.split("/")
+    labels = {"accuracy": "accuracy", "top1_accuracy": "top-1", "bestofk_regret": "best-of-K regret", "bestofk_picked_score": "best-of-K picked score",
+              "score": "score", "subset_mean": "mean of subsets", "worst_subset": "worst subset", "rewardbench_score": "mean of the 4 sections"}
+    if parts[0] == "subsets":
+        return parts[1], labels.get(parts[2], parts[2])
+    if parts[0] == "sections":
+        return f"section {parts[1]}", "score"
+    if parts[0] == "rewardbench2":
+        if parts[1] == "subsets":
+            return f"RB2 {parts[2]}", labels.get(parts[3], parts[3])
+        return "RewardBench 2", "mean of subsets" if parts[1] == "score" else "worst subset"
+    return "all", labels.get(parts[0], parts[0])
+
+
+def _baselines_of(name: str, baselines: dict[str, float]) -> list[str]:
+    """The rulers beside a compared metric: (longer or longest, shorter or shortest, chance)."""
+    scope, _, leaf = name.rpartition("/")
+    prefix = scope + "/" if scope else ""
+    keys = {"accuracy": ("longer_wins", "shorter_wins", None), "top1_accuracy": ("top1_longest", "top1_shortest", "top1_random"),
+            "bestofk_regret": ("bestofk_longest_regret", None, None), "score": ("longest", "shortest", "chance")}.get(leaf)
+    if keys is None or (leaf == "score" and not scope.startswith("rewardbench2/subsets/")):
+        return ["", "", ""]
+    cells = [f"{baselines[prefix + k]:.3f}" if k and baselines.get(prefix + k) is not None else "" for k in keys]
+    if leaf == "accuracy":
+        cells[2] = "0.5"
+    if leaf == "bestofk_regret":
+        cells[2] = "1.0"
+    return cells
+
+
+def print_comparison(log: RunLog, title: str, labels: list[str], comparison: dict[str, Any]) -> None:
+    """Several models side by side: each metric per model with its 95% interval, each model's difference to the first
+    with its paired interval, the exact McNemar p-value (b: pairs only the first gets right, c: only the other), and
+    the content-blind rulers on the same rows."""
+    if not log.enabled:
+        return
+    console = log.console
+    for label, path in zip(labels, comparison["models"]):
+        console.print(f"{label} = {path}", markup=False, highlight=False)
+    left_out = ", ".join(f"{label} {n}" for label, n in zip(labels, comparison["rows_left_out"].values()) if n)
+    what = f"{comparison['rows']} rows, {comparison['pairs']} pairs" + (f", {comparison['lists']} lists" if comparison["lists"] else "")
+    console.print(f"compared on the {what} every model kept" + (f" (rows kept by one model only, left out: {left_out})" if left_out else ""),
+                  markup=False, highlight=False)
+    table = Table(title=f"{title} (95% intervals; differences paired)")
+    columns = ["scope", "metric", "n"] + labels
+    for label in labels[1:]:
+        columns += [f"{label} - {labels[0]}", f"McNemar p ({labels[0]} only/{label} only)"]
+    columns += ["longer", "shorter", "chance"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("scope", "metric") else "right")
+    for name, entry in comparison["metrics"].items():
+        scope, metric = _compared_metric(name)
+        n = comparison["counts"].get(_count_key(name))
+        cells = [scope, metric, str(n) if n is not None else ""]
+        for i, (value, interval) in enumerate(zip(entry["values"], entry["intervals"])):
+            cell = with_interval(value, interval, 3)
+            if name.endswith("worst_subset"):
+                worst = comparison["worst"][i].get("rewardbench2" if name.startswith("rewardbench2") else "subsets")
+                cell += f" {worst}"
+            cells.append(cell)
+        for i in range(1, len(labels)):
+            cells.append(with_interval(entry["differences"][i], entry["difference_intervals"][i], 3))
+            test = entry.get("mcnemar")
+            cells.append(f"{test[i]['p']:.3g} ({test[i]['first_only']}/{test[i]['other_only']})" if test else "")
+        cells += _baselines_of(name, comparison["baselines"])
+        table.add_row(*cells)
     console.print(table)
 
 

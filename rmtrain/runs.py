@@ -20,10 +20,10 @@ from typing import Any, Iterator
 
 import torch
 
-from rmtrain.config import Recipe
+from rmtrain.config import Recipe, sources
 from rmtrain.embedding import plain_state_dict, restore_full_embedding
 from rmtrain.engine import is_sharded, unpartitioned_loading
-from rmtrain.errors import ResourceError, RunDirError, first_line
+from rmtrain.errors import RecipeError, ResourceError, RunDirError, first_line
 from rmtrain.log import RunLog, truncate_metrics_file
 from rmtrain.saved import atomic_folder, load_saved, merged_in_fp32, put_in_place, save_model_folder, temporary_folder
 
@@ -204,14 +204,21 @@ class BestModel:
 
     def __init__(self, recipe: Recipe, out: Path):
         self.recipe, self.out = recipe, out
-        self.metric = recipe.train.keep_best.metric if recipe.train.keep_best else None
+        keep = recipe.train.keep_best
+        self.metric = keep.metric if keep else None
+        self.lower_is_better = bool(keep and keep.lower_is_better)
+        if keep is not None and keep.needs_lists and not eval_set_has_lists(recipe):
+            # Before the first step: otherwise the run would train to its first eval and find no such metric.
+            raise RecipeError("train.keep_best", [
+                f"metric {keep.metric} is measured on ranked lists (rows with 'completions' and 'scores' or 'ranks'), and this "
+                "run's eval set holds pairs only; keep the best by accuracy or loss (then rerun with --overwrite)"])
 
     def consider(self, accelerator, model, rm, state: TrainState, metrics: dict) -> None:
         """Keep the model if `metrics` are the best so far (the record lives in `state`, so a resume keeps it)."""
         if self.metric is None:
             return
         value, best = metrics[self.metric], state.best_value
-        if best is None or (value > best if self.metric == "accuracy" else value < best):
+        if best is None or (value < best if self.lower_is_better else value > best):
             save_best(accelerator, model, rm, self.recipe, self.out)
             state.best_step, state.best_value = state.step, value
 
@@ -219,6 +226,16 @@ class BestModel:
         if self.metric is None:
             return None
         return {"step": state.best_step, "metric": self.metric, "value": state.best_value, "folder": str(self.out / "best")}
+
+
+def eval_set_has_lists(recipe: Recipe) -> bool:
+    """Whether the run's eval set (data.eval, or the rows data.eval_fraction holds out of data.train) holds ranked
+    lists: the sources' rows read again, as fit read them."""
+    from rmtrain.rows import row_kind
+    from rmtrain.sources import read_rows
+
+    split = "eval" if recipe.data.eval is not None else "train"
+    return any(row_kind(row) == "lists" for source in sources(recipe.data, split) for row in read_rows(source)[0])
 
 
 def save_best(accelerator, model, rm, recipe: Recipe, out: Path) -> None:

@@ -290,6 +290,14 @@ def adapter_without_its_base(ctx: Ctx) -> list[str]:
     return ["eval", str(folder), "--data", str(ctx.data())]
 
 
+def second_model_adapter_without_its_base(ctx: Ctx) -> list[str]:
+    """`eval GOOD ADAPTER`: the adapter (weights file present) names a base folder that is gone; found before the good
+    model is scored."""
+    args = adapter_without_its_base(ctx)
+    (Path(args[1]) / "adapter_model.safetensors").write_bytes(b"adapter weights")
+    return ["eval", ctx.models["tiny-qwen3"], *args[1:]]
+
+
 def strict_template(ctx: Ctx) -> Path:
     """A chat template that refuses two turns of one role in a row, as Mistral's and Llama 2's do."""
     path = ctx.tmp / "strict.jinja"
@@ -321,6 +329,10 @@ def nothing_exported(ctx: Ctx) -> None:
     assert not any(p.name.startswith("exported") for p in ctx.tmp.iterdir())
 
 
+RB2_ROWS = [
+    {"id": "0", "prompt": "Q: Name a fruit. A:", "chosen": [" An apple."], "rejected": [" A chair.", " Blue.", " Soon."], "subset": "Focus"},
+    {"id": "tied:3", "prompt": "Q: Name a colour. A:", "chosen": [" Red.", " Blue."], "rejected": [" A dog."], "subset": "Ties"},
+]
 LIST_ROWS = [{"prompt": "Q: Name a fruit. A:", "completions": [" An apple.", " A chair.", " Fruit."], "scores": [3, 1, 2]}]
 
 
@@ -538,6 +550,10 @@ CASES = [
     Case("data-eval-empty", "Data", "`data.eval.path` an empty file",
          lambda c: c.fit(data={"eval": {"path": str(c.data([], name="eval.jsonl"))}}),
          ["eval (<tmp>/eval.jsonl): no rows to read; check data.eval.path, where, skip and limit"]),
+    Case("data-keep-best-regret-on-pairs", "Data", "`train.keep_best: {metric: bestofk_regret}` with an eval set of pairs (the metric needs ranked lists)",
+         lambda c: c.fit(data={"eval": {"path": str(c.data(name="eval.jsonl"))}}, train={"keep_best": {"metric": "bestofk_regret"}}),
+         ["train.keep_best: metric bestofk_regret is measured on ranked lists (rows with 'completions' and 'scores' or 'ranks'), "
+          "and this run's eval set holds pairs only; keep the best by accuracy or loss"], check=not_completed),
     Case("data-eval-all-dropped", "Data", "`data.eval` whose every pair is longer than `max_length` (truncation: filter)",
          lambda c: c.fit(data={"eval": {"path": str(c.data(
              [{"prompt": "Q: " + "why " * 80, "chosen": " Because.", "rejected": " No."}], name="eval.jsonl"))}}),
@@ -631,6 +647,23 @@ CASES += [
          ["--out: <tmp> is a folder; give a file to write the JSON lines to (or - for standard output)"]),
     Case("binarize-out-exists", "eval, score, export, serve, plot, binarize", "`rmtrain binarize LISTS OUT` where OUT exists, no `--overwrite`",
          existing_pairs_file, ["<tmp>/pairs.jsonl: exists; pass --overwrite to replace it, or choose another file"], check=pairs_file_kept),
+    Case("eval-second-model-not-a-model", "eval, score, export, serve, plot, binarize", "`rmtrain eval MODEL FOLDER` where the second folder holds no model (checked before anything is scored)",
+         lambda c: ["eval", c.models["tiny-qwen3"], str(notes_folder(c)), "--data", str(c.data())],
+         ["<tmp>/notes: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json)"]),
+    Case("eval-second-model-base-moved", "eval, score, export, serve, plot, binarize", "`rmtrain eval MODEL ADAPTER` where the adapter's base model folder is gone (checked before the first model is scored)",
+         second_model_adapter_without_its_base,
+         ["<tmp>/adapter: its base model '<tmp>/moved-base' (adapter_config.json base_model_name_or_path) is not there; "
+          "put it back, or fix that path"]),
+    Case("eval-bootstrap-negative", "eval, score, export, serve, plot, binarize", "`rmtrain eval --bootstrap -5`",
+         lambda c: ["eval", c.models["tiny-qwen3"], "--data", str(c.data()), "--bootstrap", "-5"],
+         ["--bootstrap: expected 0 (no intervals) or at least 2 resamples, got -5"]),
+    Case("eval-rewardbench2-empty-rejected", "eval, score, export, serve, plot, binarize", "RewardBench 2 rows (`chosen` and `rejected` lists), one with `rejected: []`",
+         lambda c: ["eval", c.models["tiny-qwen3"], "--data", str(c.data(RB2_ROWS[:1] + [{**RB2_ROWS[0], "rejected": []}], name="rb2.jsonl"))],
+         ["<tmp>/rb2.jsonl: row 2: 'rejected' must be a non-empty list of completions, as in every row of a RewardBench 2 file, "
+          "got an empty list"]),
+    Case("eval-rewardbench2-ties-id", "eval, score, export, serve, plot, binarize", "a RewardBench 2 Ties row whose `id` is not `ref:N` or `tied:N`",
+         lambda c: ["eval", c.models["tiny-qwen3"], "--data", str(c.data(RB2_ROWS + [{**RB2_ROWS[1], "id": "tied-3"}], name="rb2.jsonl"))],
+         ["<tmp>/rb2.jsonl: row 3: a Ties row needs an 'id' of the form ref:N or tied:N (RewardBench 2), got 'tied-3'"]),
     Case("eval-checkpoint-folder", "eval, score, export, serve, plot, binarize", "`rmtrain eval` on a checkpoint folder instead of its run",
          lambda c: (unfinished_run(c), ["eval", str(c.out / "checkpoints" / "checkpoint-2"), "--data", str(c.data())])[1],
          ["<tmp>/run/checkpoints/checkpoint-2: a training checkpoint (for --resume), not a model; use the run's folder "

@@ -187,10 +187,19 @@ def test_eval_report_tiny_qwen3(tmp_path, tiny_qwen3, shared_data):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics, records = check_report(report, rows, tiny_qwen3, "subset")
     assert 0 < len(records) < len(rows)  # --max-length 160 drops some pairs; the others keep their row index
-    # Per subset and per section, from pairs.jsonl by hand.
+    # Per subset and per section, from pairs.jsonl by hand; each accuracy inside its 95% interval, beside the baselines.
     for subset, entry in metrics["subsets"].items():
-        mine = [r["chosen_reward"] > r["rejected_reward"] for r in records if r["subset"] == subset]
-        assert entry == {"pairs": len(mine), "accuracy": pytest.approx(sum(mine) / len(mine))}
+        mine = [r for r in records if r["subset"] == subset]
+        right = [r["chosen_reward"] > r["rejected_reward"] for r in mine]
+        assert entry["pairs"] == len(mine) and entry["accuracy"] == pytest.approx(sum(right) / len(mine))
+        low, high = entry["accuracy_interval"]
+        assert low <= entry["accuracy"] <= high
+        longer = [1.0 if r["chosen_tokens"] > r["rejected_tokens"] else 0.5 if r["chosen_tokens"] == r["rejected_tokens"] else 0.0 for r in mine]
+        assert entry["longer_wins"] == pytest.approx(sum(longer) / len(mine)) and entry["shorter_wins"] == pytest.approx(1 - entry["longer_wins"])
+    accuracies = {s: e["accuracy"] for s, e in metrics["subsets"].items()}
+    assert metrics["subset_mean"]["accuracy"] == pytest.approx(sum(accuracies.values()) / len(accuracies))
+    assert metrics["worst_subset"]["accuracy"] == min(accuracies.values()) == accuracies[metrics["worst_subset"]["subset"]]
+    assert metrics["bootstrap"]["resamples"] == 1000 and set(metrics["section_intervals"]) == set(metrics["sections"])
     assert metrics["sections"] == pytest.approx(section_scores({s: e["accuracy"] for s, e in metrics["subsets"].items()}))
     assert metrics["rewardbench_score"] == pytest.approx(sum(metrics["sections"].values()) / 4)
     # Response lengths exclude the shared prompt; the console shows the same tables.
@@ -253,3 +262,144 @@ def test_two_process_eval_counts_every_pair_once(tmp_path, tiny_qwen3, shared_da
     kept = int(re.search(r"23 pairs read, (\d+) kept", " ".join(launched.stderr.split())).group(1))
     metrics, records = check_report(report, rows, tiny_qwen3, None)
     assert len(records) == metrics["num_pairs"] == kept
+
+
+# --------------------------------------------------------------------------------------------------
+# Several models, RewardBench 2, best-of-K in training
+
+TIMING = ("seconds", "pairs_per_s")
+
+
+def without_timing(results: dict) -> dict:
+    """Results without the clocks (two runs of the same scoring take different times)."""
+    kept = {k: v for k, v in results.items() if k not in TIMING}
+    if "bootstrap" in kept:
+        kept["bootstrap"] = {k: v for k, v in kept["bootstrap"].items() if k != "seconds"}
+    return kept
+
+
+def perturbed_copy(source: str, folder: Path) -> str:
+    """The model with its reward head nudged: another model, with the same tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.score.weight.add_(torch.randn(model.score.weight.shape, generator=generator) * 0.05)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return str(folder)
+
+
+def minilm_with_head(minilm: str, folder: Path) -> str:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.shared_data
+def test_several_models_equal_single_evals_and_compare_on_rows_all_kept(tmp_path, tiny_qwen3, minilm, shared_data):
+    """A, B (the same tokenizer) and C (MiniLM, another tokenizer) in one eval: each model's results are its single
+    eval's; the comparison is on the rows every model kept, with differences and McNemar counted from pairs.jsonl."""
+    from rmtrain.evaluate import run_eval
+    from rmtrain.stats import mcnemar_exact
+
+    rows = read_jsonl(shared_data / "hh_harmless_test.jsonl", limit=30)
+    for i, row in enumerate(rows):
+        row["subset"] = ["left", "right"][i % 2]
+    data = str(tmp_path / "rows.jsonl")
+    Path(data).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = [tiny_qwen3, perturbed_copy(tiny_qwen3, tmp_path / "b"), minilm_with_head(minilm, tmp_path / "c")]
+    together = run_eval(paths, data, max_length=110, bootstrap=200, json_out=str(tmp_path / "all.json"))
+    assert json.loads((tmp_path / "all.json").read_text()) == json.loads(json.dumps(together))
+    records = {}
+    for i, path in enumerate(paths):
+        alone = run_eval(path, data, max_length=110, bootstrap=200, report_dir=str(tmp_path / f"single-{i}"))
+        assert without_timing(together["models"][path]) == without_timing(alone)
+        records[path] = {r["row"]: r for r in read_jsonl(tmp_path / f"single-{i}" / "pairs.jsonl")}
+    comparison = together["comparison"]
+    common = sorted(set.intersection(*(set(r) for r in records.values())))
+    assert 0 < len(common) < max(len(r) for r in records.values())  # MiniLM drops pairs the Qwen tokenizer keeps
+    assert comparison["rows"] == comparison["pairs"] == len(common)
+    assert comparison["rows_left_out"] == {p: len(records[p]) - len(common) for p in paths}
+    right = {p: [records[p][row]["correct"] for row in common] for p in paths}
+    accuracy = comparison["metrics"]["accuracy"]
+    assert accuracy["values"] == pytest.approx([sum(right[p]) / len(common) for p in paths])
+    for i, path in enumerate(paths[1:], start=1):
+        assert accuracy["differences"][i] == pytest.approx(accuracy["values"][i] - accuracy["values"][0])
+        first_only = sum(a and not b for a, b in zip(right[paths[0]], right[path]))
+        other_only = sum(b and not a for a, b in zip(right[paths[0]], right[path]))
+        assert accuracy["mcnemar"][i] == {"first_only": first_only, "other_only": other_only, "p": mcnemar_exact(first_only, other_only)}
+        low, high = accuracy["difference_intervals"][i]
+        assert low <= accuracy["differences"][i] <= high
+    assert set(comparison["metrics"]) >= {"subsets/left/accuracy", "subsets/right/accuracy", "subset_mean", "worst_subset"}
+
+
+def best_of_n_by_hand(rewards: list[float]) -> float:
+    """RewardBench 2's credit, written out: 1/k when the chosen (first) reward is the top one, k sharing it."""
+    top = max(rewards)
+    return 1 / rewards.count(top) if rewards[0] == top else 0.0
+
+
+def test_rewardbench2_file_end_to_end(tmp_path, tiny_qwen3):
+    """Rows in RewardBench 2's shape: scored per subset best-of-N (Ties by its formula), the overall score the mean of
+    the subsets' scores, each beside the length rulers; the rows' rewards are the lists' in lists.jsonl."""
+    from rmtrain import rewardbench2
+    from rmtrain.evaluate import run_eval
+
+    words = "the cat sat on a mat while red blue green fox jumped over lazy dog".split()
+    text = lambda i, n: " ".join(words[(i + j) % len(words)] for j in range(n))  # noqa: E731
+    rows = [{"id": str(i), "prompt": f"Q{i}: {text(i, 4)}", "chosen": [text(i, 3 + i % 5)],
+             "rejected": [text(i + k, 2 + (i + k) % 7) for k in range(1, 4)], "subset": ["Focus", "Math"][i % 2]} for i in range(10)]
+    for n in range(3):
+        rows.append({"id": f"ref:{n}", "prompt": f"Colour {n}?", "chosen": [text(n, 2)], "rejected": [text(n + 5, 4), text(n + 6, 3)], "subset": "Ties"})
+        rows.append({"id": f"tied:{n}", "prompt": f"Colour {n}?", "chosen": [text(n, 2), text(n + 1, 3)], "rejected": [text(n + 5, 4)],
+                     "subset": "Ties"})
+    data = tmp_path / "rb2.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_eval(tiny_qwen3, str(data), max_length=64, report_dir=str(tmp_path / "report"), bootstrap=100)
+    block = result["rewardbench2"]
+    rewards = {r["row"]: r["rewards"] for r in read_jsonl(tmp_path / "report" / "lists.jsonl")}
+    assert block["rows"] == block["rows_read"] == len(rows) and block["rows_dropped"] == 0
+    for subset in ("Focus", "Math"):
+        mine = [i for i, r in enumerate(rows) if r["subset"] == subset]
+        assert block["subsets"][subset]["score"] == pytest.approx(sum(best_of_n_by_hand(rewards[i]) for i in mine) / len(mine))
+        assert block["subsets"][subset]["chance"] == pytest.approx(1 / 4)
+    ties = [i for i, r in enumerate(rows) if r["subset"] == "Ties"]
+    info = [rewardbench2.Row(len(rows[i]["chosen"]), len(rows[i]["chosen"]) + len(rows[i]["rejected"]),
+                             (rows[i]["id"].split(":")[0], int(rows[i]["id"].split(":")[1]))) for i in ties]
+    outcomes = rewardbench2.row_outcomes(info, [rewards[i] for i in ties])
+    expected_ties, _ = rewardbench2.ties_score(outcomes, torch.tensor([r.ties_id[1] for r in info]), None)
+    assert block["subsets"]["Ties"]["score"] == pytest.approx(expected_ties.value)
+    scores = [block["subsets"][s]["score"] for s in ("Focus", "Math", "Ties")]
+    assert block["score"] == pytest.approx(sum(scores) / 3) and block["worst_subset"]["score"] == min(scores)
+    low, high = block["interval"]
+    assert low <= block["score"] <= high
+    for entry in block["subsets"].values():
+        assert entry["longest"] is not None and entry["shortest"] is not None
+
+
+@pytest.mark.shared_data
+def test_keep_best_by_best_of_k_regret(tmp_path, tiny_qwen3, shared_data, capsys):
+    """train.keep_best: {metric: bestofk_regret} on a ranked-list eval set keeps the eval with the lowest regret."""
+    from tests.test_fit import fit_here
+    from tests.test_lists import short_lists, write_jsonl
+
+    rows = short_lists(shared_data, 8, completions=4)
+    out = tmp_path / "run"
+    tree = {
+        "model": {"name_or_path": tiny_qwen3},
+        "data": {"train": {"path": str(write_jsonl(tmp_path / "train.jsonl", rows[:6]))},
+                 "eval": {"path": str(write_jsonl(tmp_path / "eval.jsonl", rows[6:]))}, "max_length": 256},
+        "train": {"output_dir": str(out), "per_device_batch_size": 2, "max_steps": 3, "eval_steps": 1, "logging_steps": 1,
+                  "learning_rate": 3e-3, "gradient_checkpointing": False, "keep_best": {"metric": "bestofk_regret"}},
+    }
+    fit_here(tree, capsys)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["split"] == "eval"]
+    regrets = [e["bestofk_regret"] for e in evals]
+    best = json.loads((out / "run_info.json").read_text())["best"]
+    assert best["metric"] == "bestofk_regret" and best["value"] == min(regrets)
+    assert best["step"] == evals[regrets.index(min(regrets))]["step"] and (out / "best" / "config.json").is_file()
