@@ -58,6 +58,10 @@ def fit(
     _run(debug, action)
 
 
+AGGREGATE_HELP = (
+    "An ensemble's one reward: mean, min (worst case) or mean-std:LAMBDA (the mean less LAMBDA times the members' spread); "
+    "a single model's reward is every aggregate."
+)
 MAX_TOKENS_HELP = (
     "Tokens per batch at most (padding included): a number, auto (from the model's size, at least 2048) or none."
 )
@@ -124,6 +128,7 @@ def score(
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per batch."),
     in_order: bool = typer.Option(False, "--in-order", help="Write lines in input order (buffered) instead of as batches finish."),
     max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
+    aggregate: str = typer.Option("mean", "--aggregate", help=AGGREGATE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Score single responses (plain text or chat messages) with a saved reward model."""
@@ -132,10 +137,13 @@ def score(
         if batch_size < 1 or (max_length is not None and max_length < 1):
             raise DataError("--batch-size and --max-length must be >= 1")
         tokens = tokens_per_forward(max_tokens)
+        from rmtrain.aggregate import Aggregate
+
+        reading = Aggregate.parse(aggregate)
         _quiet_libraries()
         from rmtrain.score import run_score
 
-        run_score(model, data, out, field, split, max_length, batch_size, in_order, None, tokens)
+        run_score(model, data, out, field, split, max_length, batch_size, in_order, None, tokens, reading)
 
     _run(debug, action)
 
@@ -180,6 +188,7 @@ def serve(
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a client may stall while sending its headers or body."),
     graceful_timeout: float = typer.Option(30.0, "--graceful-timeout", help="Seconds SIGTERM/SIGINT wait for the requests in flight."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model's name in /v1/models and answers (default: MODEL)."),
+    aggregate: str = typer.Option("mean", "--aggregate", help=AGGREGATE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Serve rewards over HTTP for RL workers: OpenRLHF's /get_reward, vLLM's /classify (verl), SGLang's /v1/embeddings,
@@ -191,6 +200,9 @@ def serve(
         if max_body_mb <= 0 or max_texts < 1 or read_timeout <= 0 or graceful_timeout < 0:
             raise DataError("--max-body-mb and --read-timeout must be > 0, --max-texts-per-request >= 1, --graceful-timeout >= 0")
         tokens = tokens_per_forward(max_tokens)
+        from rmtrain.aggregate import Aggregate
+
+        reading = Aggregate.parse(aggregate)
         require_extra("serve", ("fastapi", "uvicorn"), "rmtrain serve")  # before anything heavy loads
         _quiet_libraries()
         from rmtrain.log import RunLog
@@ -199,7 +211,50 @@ def serve(
 
         door = Door(max_body_bytes=int(max_body_mb * (1 << 20)), read_timeout_s=read_timeout, api_key=api_key_from(api_key))
         run_serve(model, host, port, tokens, max_wait_ms, batch_size, max_length, share_prefix, RunLog(), door, max_texts,
-                  graceful_timeout, served_model_name)
+                  graceful_timeout, served_model_name, reading)
+
+    _run(debug, action)
+
+
+@app.command()
+def ensemble(
+    members: List[str] = typer.Argument(..., help="Two or more finished runs or model folders: one tokenizer, one architecture."),
+    out: str = typer.Option(..., "--out", help="The ensemble folder to write (score, eval and serve read it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Make one folder of several reward models, scored as an ensemble (LoRA adapters on one base keep the base once)."""
+
+    def action() -> None:
+        _quiet_libraries()
+        from rmtrain.ensemble import make_ensemble
+
+        make_ensemble(members, out, overwrite)
+
+    _run(debug, action)
+
+
+@app.command()
+def average(
+    runs: List[str] = typer.Argument(..., help="Finished runs fine-tuned from the same base (full or LoRA)."),
+    out: str = typer.Option(..., "--out", help="The averaged model folder to write (a plain transformers folder)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="One weight per run, comma-separated (normalized to sum to 1); default: equal."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
+) -> None:
+    """Average the weights of runs from one base into one model (WARM): one model's cost at inference."""
+
+    def action() -> None:
+        shares = None
+        if weights is not None:
+            try:
+                shares = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise DataError(f"--weights: {weights!r}: expected numbers separated by commas, e.g. 0.5,0.25,0.25") from None
+        _quiet_libraries()
+        from rmtrain.average import average_runs
+
+        average_runs(runs, out, shares, overwrite)
 
     _run(debug, action)
 

@@ -34,6 +34,9 @@ class ModelConfig:
     eos_token: str | None = None
     pad_token: str | None = None
     disable_dropout: bool = True
+    heads: int = 1
+    """Reward heads on the one trunk, each its own seeded init, trained in the same forward: an ensemble at the cost of
+    one model (rmtrain.ensemble reads it); 1: a single reward model."""
 
     def source_kwargs(self) -> dict[str, Any]:
         """What config, tokenizer and weights are read with: revision, trust_remote_code, gguf_file."""
@@ -184,6 +187,8 @@ class TrainConfig:
     dataloader_workers: int | None = None
     """Processes that collate batches while the device computes; null: 2 with a CUDA device, 0 on the CPU (whose
     cores compute)."""
+    head_bootstrap: bool = False
+    """With model.heads >= 2: each head weighs each training row by its own Poisson(1) draw (a bootstrap without copying data)."""
     ddp_timeout: int = 1800
     """Seconds a process waits in a collective for the others (several processes), as transformers' Trainer."""
 
@@ -349,7 +354,11 @@ def _validate(recipe: Recipe, problems: list[str]) -> None:
 
     check(bool(m.name_or_path), "model.name_or_path: required (a Hub id or a local model folder)")
     if "num_labels" in m.init_kwargs:
-        problems.append("model.init_kwargs.num_labels: a reward model always has num_labels=1; remove this key")
+        problems.append("model.init_kwargs.num_labels: a reward model's outputs are its heads; remove this key (model.heads: K for an ensemble)")
+    check(m.heads >= 1, f"model.heads: must be >= 1, got {m.heads}")
+    check(not t.head_bootstrap or m.heads >= 2, "train.head_bootstrap: needs model.heads >= 2 (each head its own bootstrap sample)")
+    check(not t.head_bootstrap or t.list_loss == "bradley_terry",
+          "train.head_bootstrap: weights pairs, so it needs train.list_loss: bradley_terry")
     check(d.train is not None, "data.train: required (a mapping with at least `path`)")
     for split in ("train", "eval"):
         listed = isinstance(getattr(d, split), list)

@@ -2,7 +2,8 @@
 
 What the folder guarantees (and the fresh-process check after writing verifies):
 - `AutoModelForSequenceClassification.from_pretrained(OUT)` is the reward model, LoRA merged (`--merge`),
-  one-logit head, `config.pad_token_id` set to a pad token that is never a real token (decoder heads read
+  one-logit head (a run with `model.heads: K` gets the mean of its K heads: the ensemble's mean reward, exactly),
+  `config.pad_token_id` set to a pad token that is never a real token (decoder heads read
   the rightmost non-pad token, so pad == EOS would move the reward token).
 - `AutoTokenizer.from_pretrained(OUT)` tokenizes like training: chat template saved, and for decoders
   trained on plain text with an appended EOS the tokenizer's post-processor appends that EOS itself, so
@@ -136,14 +137,34 @@ def append_eos_in_tokenizer(tokenizer, eos: str) -> bool:
     return True
 
 
-def score_linear(head: nn.Module) -> nn.Linear:
-    """The Linear layer that produces the reward (the head itself, or its last one-output Linear)."""
+def score_linear(head: nn.Module, outputs: int = 1) -> nn.Linear:
+    """The Linear layer that produces the rewards (the head itself, or its last Linear with `outputs` outputs)."""
     if isinstance(head, nn.Linear):
         return head
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear) and m.out_features == outputs]
     if not linears:
-        raise ExportError(f"{type(head).__name__}: no one-output Linear layer to fold the normalization into")
+        raise ExportError(f"{type(head).__name__}: no Linear layer with {outputs} output(s) makes the reward")
     return linears[-1]
+
+
+@torch.no_grad()
+def mean_head(model: nn.Module, head_name: str) -> None:
+    """K reward heads -> one, their mean: a mean of linear maps is a linear map, so the one logit of the folder is
+    the heads' mean reward exactly (up to float rounding), and RL trainers that read one logit use it as it is."""
+    heads = model.config.num_labels
+    head = getattr(model, head_name)
+    linear = score_linear(head, heads)
+    mean = nn.Linear(linear.in_features, 1, bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+    mean.weight.copy_(linear.weight.mean(0, keepdim=True))
+    if linear.bias is not None:
+        mean.bias.copy_(linear.bias.mean(0, keepdim=True))
+    if linear is head:
+        setattr(model, head_name, mean)
+    else:
+        parent = next(m for m in head.modules() if any(child is linear for child in m.children()))
+        name = next(n for n, child in parent.named_children() if child is linear)
+        setattr(parent, name, mean)
+    model.config.num_labels = 1
 
 
 @torch.no_grad()
@@ -155,8 +176,8 @@ def fold_normalization(head: nn.Module, mean: float, std: float, model_name: str
     linear.bias.sub_(mean).div_(std)
 
 
-def check_head_has_bias(head: nn.Module, model_name: str) -> None:
-    if score_linear(head).bias is None:
+def check_head_has_bias(head: nn.Module, model_name: str, outputs: int = 1) -> None:
+    if score_linear(head, outputs).bias is None:
         raise ExportError(
             f"--normalize: the score head of {model_name} has no bias, and plain transformers would drop an added one, "
             f"so the mean cannot be folded in; export without --normalize and subtract the mean of {STATS_FILE} "
@@ -219,15 +240,18 @@ def export_model(
     if folder_kind(run, "run or model folder") == "adapter" and not merge:
         raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
     # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
+    if folder_kind(run, "run or model folder") == "ensemble":
+        raise ModelError(
+            f"{run_dir}: an ensemble of separate models, which no one-model folder holds; score or serve it with rmtrain, "
+            "or average runs from one base into one model (rmtrain average)"
+        )
     rm, max_length = load_saved(run, dtype=torch.float32)
     max_length = scoring_max_length(None, max_length)
     model = rm.model
     is_adapter = hasattr(model, "merge_and_unload")
-    if getattr(getattr(model, "config", None), "num_labels", 1) != 1:
-        raise ModelError(f"{run_dir}: the model has {model.config.num_labels} labels; a reward model has one")
 
     if normalize:
-        check_head_has_bias(rm.head, type(model.get_base_model() if is_adapter else model).__name__)
+        check_head_has_bias(rm.head, type(model.get_base_model() if is_adapter else model).__name__, rm.heads)
     reference = reference_pairs(run, data_path, rm, max_length)
     stats, check_sample = None, None
     if reference is not None:
@@ -235,7 +259,7 @@ def export_model(
         if not pairs:
             raise ExportError(f"{name}: no pairs left for the reward statistics (all filtered by length?)")
         inference = prepare_inference(rm, max_sequences=32)
-        stats = reward_statistics(torch.cat(rewards_of(inference, pairs)), name) | {"pairs_from": reference.what}
+        stats = reward_statistics(inference.aggregate(torch.cat(rewards_of(inference, pairs))), name) | {"pairs_from": reference.what}
         log.info(
             f"reward statistics over {stats['num_rewards']} rewards of {name} ({reference.what}): "
             f"mean {stats['mean']:.4f}, std {stats['std']:.4f}"
@@ -244,7 +268,7 @@ def export_model(
         whole, _ = tokenize_rows(rows[: 4 * check_pairs], name, rm.tokenizer, rm.fmt, max_length, "filter")
         whole = [g for g in whole if len(g.completions) == len(rows[g.row].get("completions", "ab"))][:check_pairs]
         if whole:
-            check_sample = (check_inputs(rows, whole), torch.cat(rewards_of(inference, whole)).double())
+            check_sample = (check_inputs(rows, whole), inference.aggregate(torch.cat(rewards_of(inference, whole))).double())
     if normalize and stats is None:
         raise ExportError(f"--normalize: {run_dir} is not a run (no recipe.yaml) and no --data was given; pass --data PAIRS.jsonl")
     if check and check_sample is None:
@@ -255,6 +279,9 @@ def export_model(
 
     if is_adapter:
         model = model.merge_and_unload()
+    if rm.heads > 1:
+        mean_head(model, rm.head_name)
+        log.info(f"the {rm.heads} reward heads are exported as their mean, one head (the run folder scores them all)")
     fmt = make_pad_safe(model, rm.tokenizer, rm.fmt)
     folded_head = getattr(model, rm.head_name)
     if normalize:

@@ -9,6 +9,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
+from rmtrain.aggregate import Aggregate
 from rmtrain.batching import inference_loader
 from rmtrain.diagnostics import list_stats
 from rmtrain.errors import ResourceError
@@ -32,9 +33,12 @@ class Inference:
     """Tokens per batch, padding included (None: unbounded)."""
     max_sequences: int
     """Sequences per batch."""
+    aggregate: Aggregate = Aggregate()
+    """How an ensemble's rewards (its heads') make the one reward metrics and answers read."""
 
 
-def prepare_inference(rm: RewardModel, max_tokens: int | str | None = "auto", max_sequences: int = 32, share_prefix: bool = True) -> Inference:
+def prepare_inference(rm: RewardModel, max_tokens: int | str | None = "auto", max_sequences: int = 32, share_prefix: bool = True,
+                      aggregate: Aggregate = Aggregate()) -> Inference:
     """The set-up of `eval`, `score`, `serve` and export: the accelerator if there is one (else the CPU), the model
     in eval mode on it, its layout (rmtrain.layout), and the token budget (`auto`: from the model's size)."""
     from rmtrain.budget import inference_tokens_per_forward
@@ -46,7 +50,7 @@ def prepare_inference(rm: RewardModel, max_tokens: int | str | None = "auto", ma
         max_tokens = inference_tokens_per_forward(rm.model, accelerator.device)
     model = accelerator.prepare(rm.model)
     model.eval()
-    return Inference(accelerator, model, rm, layout, max_tokens, max_sequences)
+    return Inference(accelerator, model, rm, layout, max_tokens, max_sequences, aggregate)
 
 
 def batches(inference: Inference, groups: list[Group]) -> tuple[Any, int]:
@@ -60,7 +64,7 @@ class Scored(NamedTuple):
     keys: torch.Tensor
     """The numbers of the batch's sequences (CPU), each once."""
     rewards: torch.Tensor | None
-    """Their rewards (float32, CPU); None: the batch ran out of memory (one process: the caller decides)."""
+    """Their rewards [sequences, heads] (float32, CPU); None: the batch ran out of memory (one process: the caller decides)."""
     tokens: int
     """What the batch computed, padding included."""
 
@@ -159,8 +163,8 @@ def inference_set(inference: Inference, groups: list[Group], source_names: list[
 
 
 def group_rewards(inference: Inference, scored: InferenceSet) -> list[torch.Tensor]:
-    """Each group's completion rewards (float32, CPU), in the order of `scored.groups`."""
-    flat = torch.full((scored.sequences,), float("nan"))
+    """Each group's completion rewards [completions, heads] (float32, CPU), in the order of `scored.groups`."""
+    flat = torch.full((scored.sequences, inference.rm.heads), float("nan"))
     for batch in score_batches(inference, scored.loader):
         flat[batch.keys] = rewards_of_batch(inference, batch)
     sizes = [len(g.completions) for g in scored.groups]
@@ -168,7 +172,7 @@ def group_rewards(inference: Inference, scored: InferenceSet) -> list[torch.Tens
 
 
 def rewards_of(inference: Inference, groups: list[Group]) -> list[torch.Tensor]:
-    """Each group's completion rewards, computed as `rmtrain eval` computes them."""
+    """Each group's completion rewards [completions, heads], computed as `rmtrain eval` computes them."""
     return group_rewards(inference, inference_set(inference, groups))
 
 
@@ -191,8 +195,10 @@ def pair_values(groups: list[Group], rewards: list[torch.Tensor]) -> dict[str, t
 
 def evaluate_pairs(inference: Inference, scored: InferenceSet) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics over every pair of `scored` (and, for ranked lists, top-1 accuracy and Kendall's tau), and the
-    per-pair values they come from; `per_pair["group_rewards"]` holds each group's rewards."""
-    rewards = group_rewards(inference, scored)
+    per-pair values they come from; `per_pair["group_rewards"]` holds each group's rewards (`inference.aggregate` of
+    its heads') and `per_pair["group_heads"]` each head's."""
+    heads = group_rewards(inference, scored)
+    rewards = [inference.aggregate(r) for r in heads]
     per_pair = pair_values(scored.groups, rewards)
     metrics = pair_stats(per_pair["chosen"], per_pair["rejected"], per_pair["loss"])
     if any(g.scores is not None for g in scored.groups):
@@ -206,4 +212,4 @@ def evaluate_pairs(inference: Inference, scored: InferenceSet) -> tuple[dict[str
             if any(g.scores is not None for g, _ in members):
                 entry |= list_stats([g.scores for g, _ in members], [r for _, r in members])
             metrics["by_source"][name] = entry
-    return metrics, per_pair | {"group_rewards": rewards}
+    return metrics, per_pair | {"group_rewards": rewards, "group_heads": heads}

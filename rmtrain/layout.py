@@ -43,7 +43,7 @@ def choose_layout(rm, share_prefix: bool, padding_free: bool, prefix_attention: 
         note = "encoder model: shared prefix and padding-free do not apply, using padded batches" if (share_prefix or padding_free) else None
         return Layout("plain", "bool", note)
     disable_segments(rm)  # a model this process switched before starts from its own attention again
-    attn = getattr(attention.transformers_model(rm.model).config, "_attn_implementation", None) or "eager"
+    attn = getattr(trunk_configs(rm)[0], "_attn_implementation", None) or "eager"
     if not share_prefix:
         if not padding_free:
             return Layout("plain", "bool")
@@ -62,12 +62,19 @@ def choose_layout(rm, share_prefix: bool, padding_free: bool, prefix_attention: 
     return Layout(fallback, "bool", f"attention '{attn}' takes no custom masks: shared prefix off, using {fallback} batches")
 
 
+def trunk_configs(rm) -> list:
+    """The transformers configs whose attention a layout switches: the model's, or each member's of an ensemble
+    (members that are adapters on one base share it)."""
+    models = [m.model for m in rm.members] if rm.members else [rm.model]
+    return list({id(c): c for c in (attention.transformers_model(m).config for m in models)}.values())
+
+
 def disable_segments(rm) -> None:
     """Back to the attention the model was loaded with (after `enable_segments`)."""
-    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
-    for original, name in attention.ORIGINAL.items():
-        if base.config._attn_implementation == name:
-            base.config._attn_implementation = original
+    for config in trunk_configs(rm):
+        for original, name in attention.ORIGINAL.items():
+            if config._attn_implementation == name:
+                config._attn_implementation = original
 
 
 def enable_segments(rm) -> bool:
@@ -78,12 +85,11 @@ def enable_segments(rm) -> bool:
     differ), and for attention this cannot compute. Any other failure of the probe is a bug, and is raised.
     """
     model = rm.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    original = getattr(config, "_attn_implementation", None)
+    configs = trunk_configs(rm)
+    original = getattr(configs[0], "_attn_implementation", None)
     if original in attention.ORIGINAL.values():
         return True
-    if original not in attention.ORIGINAL:
+    if original not in attention.ORIGINAL or any(getattr(c, "_attn_implementation", None) != original for c in configs):
         return False
     attention.register()
     probe = [Group.of(0, [[3, 5, 7, 11], [3, 5, 13], [3, 5, 7, 2]], [(0, 1)]), Group.of(1, [[17, 19], [17, 23, 29, 31], [17, 37]], [])]
@@ -96,7 +102,8 @@ def enable_segments(rm) -> bool:
     try:
         with torch.no_grad():
             reference = batch_rewards(model, rm, masked)
-            config._attn_implementation = attention.ORIGINAL[original]
+            for config in configs:
+                config._attn_implementation = attention.ORIGINAL[original]
             got = batch_rewards(model, rm, segmented)
         ok = torch.allclose(got, reference, **probe_tolerance(rm, reference))
     except attention.UnsupportedAttention:
@@ -114,15 +121,15 @@ def enable_segments(rm) -> bool:
     finally:
         model.train(was_training)
         if not ok:
-            config._attn_implementation = original
+            for config in configs:
+                config._attn_implementation = original
     return ok
 
 
 def probe_tolerance(rm, reference: torch.Tensor) -> dict[str, float]:
     """How close the probe's rewards must be: summed in another order, fp32 rewards agree to ~1e-6; bf16 ones to
     about bf16's resolution per layer. A model that ignores the segments is off by the reward's own size."""
-    base = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
-    low_precision = rm.autocast_dtype is not None or base.dtype in (torch.bfloat16, torch.float16)
+    low_precision = rm.autocast_dtype is not None or next(rm.model.parameters()).dtype in (torch.bfloat16, torch.float16)
     if not low_precision:
         return {"atol": 1e-4, "rtol": 1e-3}
     return {"atol": 0.05 * max(float(reference.abs().max()), 1e-2), "rtol": 0.05}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,30 +67,60 @@ class Objective:
         """What a batch contributes to the mean the objective is: its pairs, or its rows that hold a pair."""
         return batch["num_pairs"] if self.per_pair else batch["num_groups"]
 
-    def total(self, rewards: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    def total(self, rewards: torch.Tensor, batch: dict[str, Any], head_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(objective summed over the batch with its weights, chosen, rejected, Bradley-Terry loss per pair).
 
-        The per-pair loss is the reported `loss`: the data's margin column only, no score margins, no
-        centering, so that it means the same number in training, in fit's eval and in `rmtrain eval`.
+        `rewards` holds one column per reward head: the objective is the mean of the heads' objectives, each head's
+        pairs weighted by its column of `head_weights` [pairs, heads] when given (a bootstrap). Chosen, rejected and
+        the per-pair loss are the ensemble's (the heads' mean reward); the loss is the reported `loss`: the data's
+        margin column only, no score margins, no centering, so that it means the same number in training, in fit's
+        eval and in `rmtrain eval`. One head is the single reward model, exactly.
         """
-        chosen, rejected = rewards[batch["pair_index"]].unbind(1)
+        rewards = rewards[:, None] if rewards.dim() == 1 else rewards
+        heads = rewards.shape[1]
+        totals = [self.head_total(rewards[:, k], batch, None if head_weights is None else head_weights[:, k]) for k in range(heads)]
+        chosen, rejected = rewards.mean(1)[batch["pair_index"]].unbind(1)
         loss = bradley_terry_loss(chosen, rejected, batch.get("margin"))
-        terms = loss
+        return (totals[0] if heads == 1 else torch.stack(totals).mean()), chosen, rejected, loss
+
+    def head_total(self, rewards: torch.Tensor, batch: dict[str, Any], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """One head's objective summed over the batch; each pair's terms times its bootstrap `weights` when given
+        (Bradley-Terry objectives: the recipe refuses a bootstrap of Plackett-Luce)."""
+        chosen, rejected = rewards[batch["pair_index"]].unbind(1)
+        terms = bradley_terry_loss(chosen, rejected, batch.get("margin"))
         if self.list_margins:
-            in_list = batch["pair_in_list"]
-            terms = torch.where(in_list, bradley_terry_loss(chosen, rejected, batch["score_margin"]), loss)
+            terms = torch.where(batch["pair_in_list"], bradley_terry_loss(chosen, rejected, batch["score_margin"]), terms)
         centering = centering_penalty(chosen, rejected) * self.center_rewards_coefficient if self.center_rewards_coefficient else None
+        if weights is not None:
+            terms = terms * weights
+            centering = None if centering is None else centering * weights
         if self.per_pair:
-            return (terms if centering is None else terms + centering).sum(), chosen, rejected, loss
-        weights = batch["pair_weight"]
+            return (terms if centering is None else terms + centering).sum()
+        pair_weight = batch["pair_weight"]
         if self.list_loss == "plackett_luce":
             listwise = plackett_luce_terms(rewards, batch["sequence_score"], batch["sequence_group"])
             total = listwise[batch["sequence_in_list"]].sum() + terms[~batch["pair_in_list"]].sum()
         else:
-            total = (terms * weights).sum()
-        if centering is not None:
-            total = total + (centering * weights).sum()
-        return total, chosen, rejected, loss
+            total = (terms * pair_weight).sum()
+        return total if centering is None else total + (centering * pair_weight).sum()
+
+
+POISSON_1_CDF = torch.tensor([math.exp(-1) * sum(1 / math.factorial(j) for j in range(k + 1)) for k in range(16)], dtype=torch.float64)
+"""P(X <= k) of Poisson(1), k = 0..15 (what is left above 15 is below 1e-13)."""
+
+
+def bootstrap_weights(row_keys: torch.Tensor, heads: int, seed: int) -> torch.Tensor:
+    """Poisson(1) weights [pairs, heads], given each pair's row key: each head's bootstrap sample of the training rows
+    without copying data (the "online bootstrap", Oza & Russell 2001). A row's weights (a pair's, or every pair of a
+    list) are a function of the seed, the row's key and the head alone, so they are the same in every epoch, on every
+    process, in every batch layout and after a resume: a hash of the three gives a uniform, inverted through the CDF."""
+    mask = 0xFFFFFFFF
+    head = torch.arange(heads, device=row_keys.device)
+    x = ((row_keys[:, None] & mask) * 0x9E3779B1 + (seed & mask) * 0x85EBCA77 + head * 0xC2B2AE3D + 0x27D4EB2F) & mask
+    for _ in range(3):  # 32-bit mixing (the products stay below 2**63)
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    uniform = ((x ^ (x >> 16)).double() + 0.5) / 2**32
+    return (uniform[..., None] > POISSON_1_CDF.to(row_keys.device)).sum(-1).float()
 
 
 def correct(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

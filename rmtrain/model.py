@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,38 @@ class RewardModel:
     autocast_dtype: torch.dtype | None = None
     """Inference of a folder stored in bf16/fp16: the forward runs under autocast in that dtype (fit's eval computed
     so); None: no autocast of its own (training: the Accelerator's mixed precision decides)."""
+
+    members: list["Member"] = field(default_factory=list)
+    """A member ensemble's models (rmtrain.ensemble), whose rewards are its columns; empty: `model` is the one model."""
+
+    @property
+    def heads(self) -> int:
+        """Rewards per sequence: the heads on the trunk (`model.heads`), or every member's heads."""
+        return sum(heads_of(m.model) for m in self.members) if self.members else heads_of(self.model)
+
+
+def heads_of(model: nn.Module) -> int:
+    return int(getattr(model.config, "num_labels", 1) or 1)
+
+
+@dataclass
+class Member:
+    """One model of a member ensemble: what its forward goes through, its head, and the PEFT adapter to switch to
+    first when members are adapters on one base (that PeftModel is then every member's `model`)."""
+
+    model: nn.Module
+    head: nn.Module
+    adapter: str | None = None
+
+
+class Members(nn.Module):
+    """A member ensemble's models in one module, so that moving it, `eval()` and `accelerator.prepare` take them all;
+    `config` is the first member's (sizes for the token budget)."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.config = models[0].config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +153,7 @@ def load_reward_model(
     kwargs = mc.from_pretrained_kwargs()
     if lora is not None and lora.init_from:
         check_adapter_folder(lora.init_from)
-    model = AutoModelForSequenceClassification.from_pretrained(mc.name_or_path, num_labels=1, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(mc.name_or_path, **kwargs, **head_kwargs(mc.heads))
     clear_gguf_quantization(model)
     weights_dtype = model.dtype
     if lora is None and weights_dtype != torch.float32:
@@ -150,6 +182,14 @@ def load_reward_model(
     head = head_module(model, head_name)
     run_in_fp32(head)
     return RewardModel(model, tokenizer, fmt, head, head_name, weights_dtype)
+
+
+def head_kwargs(heads: int) -> dict[str, Any]:
+    """`from_pretrained` keywords for a model with `heads` outputs. K > 1 heads start fresh (each row of the head its
+    own random init): a checkpoint's own one-logit head has another shape, and is not loaded."""
+    if heads == 1:
+        return {"num_labels": 1}
+    return {"id2label": {i: f"HEAD_{i}" for i in range(heads)}, "ignore_mismatched_sizes": True}
 
 
 def run_in_fp32(head: nn.Module) -> None:
@@ -254,9 +294,9 @@ def sequence_rewards(
     reward_index: torch.Tensor | None = None,
     segments: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One reward per sequence.
+    """The rewards of each sequence, [sequences, heads] (one column per reward head).
 
-    Encoders: the model's own pooled logit ([CLS]), exactly as transformers computes it.
+    Encoders: the model's own pooled logits ([CLS]), exactly as transformers computes them.
     Decoders: the head's per-token score at each sequence's reward token: `reward_index` into the
     flattened [rows * width] scores (see rmtrain.batching), or else the last real token of each row
     found from the 2D attention mask. Never found by searching for the pad id (pad == eos breaks that).
@@ -265,7 +305,7 @@ def sequence_rewards(
     per-token output.
     """
     if is_encoder:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
@@ -283,20 +323,24 @@ def sequence_rewards(
             model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra)
     finally:
         handle.remove()
-    token_scores = captured[-1][..., 0]  # [rows, width]
+    token_scores = captured[-1]  # [rows, width, heads]
     if reward_index is None:
         last = last_token_index(attention_mask)
         return token_scores[torch.arange(token_scores.shape[0], device=token_scores.device), last]
-    return token_scores.reshape(-1)[reward_index]
+    return token_scores.reshape(-1, token_scores.shape[-1])[reward_index]
 
 
 def batch_rewards(model: nn.Module, rm: "RewardModel", batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rewards in float32 of every sequence of a batch built by rmtrain.batching, group by group."""
+    """Rewards in float32 of every sequence of a batch built by rmtrain.batching, group by group: [sequences, heads]."""
     device = batch["input_ids"].device.type
     mask = prefix_mask(batch["segment_ids"], batch["mask_kind"]) if "segment_ids" in batch else batch.get("attention_mask")
+    inputs = (batch["input_ids"], mask, batch.get("position_ids"), batch.get("reward_index"), batch.get("segments"))
     with torch.autocast(device, rm.autocast_dtype) if rm.autocast_dtype else contextlib.nullcontext():
-        rewards = sequence_rewards(
-            model, rm.head, rm.fmt.is_encoder, batch["input_ids"], mask, batch.get("position_ids"),
-            batch.get("reward_index"), batch.get("segments"),
-        )
-    return rewards.float()
+        if not rm.members:
+            return sequence_rewards(model, rm.head, rm.fmt.is_encoder, *inputs).float()
+        columns = []
+        for member in rm.members:  # one forward each, through the members' own modules (inference: no wrapper to see it)
+            if member.adapter is not None:
+                member.model.set_adapter(member.adapter)
+            columns.append(sequence_rewards(member.model, member.head, rm.fmt.is_encoder, *inputs).float())
+        return torch.cat(columns, 1)

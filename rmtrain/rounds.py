@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from rmtrain.aggregate import Reading, read
 from rmtrain.groups import Group
 from rmtrain.inference import Inference, batches, score_batches
 
@@ -35,11 +36,11 @@ class ScoringFailed(RuntimeError):
 
 
 class Job:
-    """A request's groups, taken in parts, and its rewards as they come in (`future`: a list per group)."""
+    """A request's groups, taken in parts, and its rewards as they come in (`future`: a Reading per group)."""
 
     def __init__(self, groups: list[Group], part_sequences: int | None = None):
         self.groups, self.future = groups, Future()
-        self.rewards: list[list[float] | None] = [None] * len(groups)
+        self.rewards: list[Reading | None] = [None] * len(groups)
         self.failed = False
         self.parts: list[list[int]] = [[]]  # group indices of each part, at least one group a part
         filled = 0
@@ -60,7 +61,7 @@ class Job:
     def fully_taken(self) -> bool:
         return self.taken == len(self.parts)
 
-    def record(self, part: "Part", rewards: list[list[float]] | None) -> None:
+    def record(self, part: "Part", rewards: list[Reading] | None) -> None:
         """A part's rewards (None: its batch ran out of memory); the job is answered once every part is in."""
         if rewards is None:
             self.failed = True
@@ -226,7 +227,7 @@ class Scorer:
         sizes = [sum(len(g.completions) for g in part.groups) for part in parts]
         starts, left = [sum(sizes[:p]) for p in range(len(parts))], list(sizes)  # left: sequences still to score
         loader, total = batches(self.inference, groups)
-        rewards = torch.full((total,), float("nan"))
+        rewards = torch.full((total, self.inference.rm.heads), float("nan"))
         failed: set[int] = set()
         for scored in score_batches(self.inference, loader):
             keys = scored.keys.tolist()
@@ -241,12 +242,10 @@ class Scorer:
                 left[owner[k]] -= 1
             for p in sorted({owner[k] for k in keys}):
                 if left[p] == 0:
-                    parts[p].job.record(parts[p], None if p in failed else _per_group(parts[p], rewards[starts[p] : starts[p] + sizes[p]]))
+                    parts[p].job.record(parts[p], None if p in failed else self._per_group(parts[p], rewards[starts[p] : starts[p] + sizes[p]]))
 
 
-def _per_group(part: Part, rewards: torch.Tensor) -> list[list[float]]:
-    values, out, at = rewards.tolist(), [], 0
-    for g in part.groups:
-        out.append(values[at : at + len(g.completions)])
-        at += len(g.completions)
-    return out
+    def _per_group(self, part: Part, rewards: torch.Tensor) -> list[Reading]:
+        """Each group's rewards read out as `rmtrain score` reads them (rmtrain.aggregate)."""
+        sizes = [len(g.completions) for g in part.groups]
+        return [read(self.inference.aggregate, r) for r in rewards.split(sizes)]

@@ -4,6 +4,9 @@ scores `{"text": ...}` (or, for /score, `{"prompt", "completion"}`), through rmt
 
 - `POST /get_reward` (OpenRLHF, `openrlhf/utils/agent.py`): `{"query": [text, ...], "prompts", "labels"}` ->
   `{"rewards", "scores", "extra_logs", "truncated"}`.
+
+An ensemble's answers carry its aggregate (`--aggregate`) wherever a single model's reward goes; /get_reward adds
+the members' mean and spread to `extra_logs` and /score adds them, with each member's reward, per completion.
 - `POST /score` (rmtrain's own): `{"prompt", "completions"}` or `{"groups": [...]}`, a prompt computed once per group.
 - `POST /classify`, `/v1/classify` (vLLM's pooling API, which verl's reward loop posts to): `{"model", "input": text |
   [text, ...], "use_activation"}` -> `{"id", "object", "created", "model", "data": [{"index", "label", "probs",
@@ -23,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from rmtrain.aggregate import Reading
 from rmtrain.errors import DataError
 from rmtrain.groups import Group, scoring_ids
 from rmtrain.model import RewardModel
@@ -124,9 +128,11 @@ def parse_get_reward(body: Any, tokens: Tokens) -> Scoring:
     return whole_texts(texts_of(queries, "query"), "query", tokens)
 
 
-def reward_answer(scoring: Scoring, rewards: list[list[float]], model: str) -> dict:
-    flat = [r[0] for r in rewards]
-    return {"rewards": flat, "scores": flat, "extra_logs": {}, "truncated": [c[0] for c in scoring.truncated]}
+def reward_answer(scoring: Scoring, rewards: list[Reading], model: str) -> dict:
+    """An ensemble's aggregate in `rewards` and `scores`, its mean and spread in `extra_logs` (which OpenRLHF logs)."""
+    flat = [r.reward[0] for r in rewards]
+    extra = {} if rewards[0].members is None else {"reward_mean": [r.mean[0] for r in rewards], "reward_std": [r.std[0] for r in rewards]}
+    return {"rewards": flat, "scores": flat, "extra_logs": extra, "truncated": [c[0] for c in scoring.truncated]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,10 +150,17 @@ def parse_score(body: Any, tokens: Tokens) -> Scoring:
     return Scoring(*tokens.groups([(*checked(score_group, body, "body"), "body")]))
 
 
-def score_answer(scoring: Scoring, rewards: list[list[float]], model: str) -> dict:
+def score_answer(scoring: Scoring, rewards: list[Reading], model: str) -> dict:
+    """Per completion: `rewards` (an ensemble's aggregate), and for an ensemble `reward_mean`, `reward_std` and
+    `member_rewards` (each member's), as `rmtrain score` rows carry them."""
+    def fields(reading: Reading, truncated: list[bool]) -> dict:
+        ensemble = {} if reading.members is None else {"reward_mean": reading.mean, "reward_std": reading.std, "member_rewards": reading.members}
+        return {"rewards": reading.reward} | ensemble | {"truncated": truncated}
+
     if scoring.nested:
-        return {"rewards": rewards, "truncated": scoring.truncated}
-    return {"rewards": rewards[0], "truncated": scoring.truncated[0]}
+        answers = [fields(r, t) for r, t in zip(rewards, scoring.truncated)]
+        return {key: [a[key] for a in answers] for key in answers[0]}
+    return fields(rewards[0], scoring.truncated[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,8 +187,8 @@ def parse_classify(body: Any, tokens: Tokens) -> Scoring:
     return scoring
 
 
-def classify_answer(scoring: Scoring, rewards: list[list[float]], model: str) -> dict:
-    scores = [r[0] for r in rewards]
+def classify_answer(scoring: Scoring, rewards: list[Reading], model: str) -> dict:
+    scores = [r.reward[0] for r in rewards]
     if scoring.options.get("activation", True):
         scores = [1 / (1 + math.exp(-s)) if s >= 0 else math.exp(s) / (1 + math.exp(s)) for s in scores]  # sigmoid, no overflow
     used = prompt_tokens(scoring)
@@ -196,10 +209,10 @@ def parse_embeddings(body: Any, tokens: Tokens) -> Scoring:
     return scoring
 
 
-def embeddings_answer(scoring: Scoring, rewards: list[list[float]], model: str) -> dict:
+def embeddings_answer(scoring: Scoring, rewards: list[Reading], model: str) -> dict:
     used = prompt_tokens(scoring)
     return {
-        "data": [{"embedding": [r[0]], "index": i, "object": "embedding"} for i, r in enumerate(rewards)],
+        "data": [{"embedding": [r.reward[0]], "index": i, "object": "embedding"} for i, r in enumerate(rewards)],
         "model": model, "object": "list", "usage": {"prompt_tokens": used, "total_tokens": used},
     }
 
@@ -222,9 +235,9 @@ def parse_score_evaluation(body: Any, tokens: Tokens) -> Scoring:
     return scoring
 
 
-def score_evaluation_answer(scoring: Scoring, rewards: list[list[float]], model: str) -> dict:
+def score_evaluation_answer(scoring: Scoring, rewards: list[Reading], model: str) -> dict:
     return {"id": f"scoreval-{uuid.uuid4().hex}", "object": "score.evaluation", "model": scoring.options.get("model") or model,
-            "scores": [r[0] for r in rewards]}
+            "scores": [r.reward[0] for r in rewards]}
 
 
 def models_answer(model: str, root: str, max_length: int, created: int) -> dict:

@@ -1,8 +1,9 @@
 """The saved-folder contract: what a finished run or an export holds, writing it, and loading it back to score.
 
-A folder is a full model (`config.json` + weights) or a LoRA adapter with its trained head
-(`adapter_config.json`), plus the tokenizer and `rmtrain_format.json` (how text became ids). Plain
-transformers loads a full folder as it is; rmtrain loads both.
+A folder is a full model (`config.json` + weights), a LoRA adapter with its trained head (`adapter_config.json`),
+or a member ensemble (`rmtrain_ensemble.json`: member folders, and the base once when they are adapters on one base;
+written by rmtrain.ensemble), plus the tokenizer and `rmtrain_format.json` (how text became ids). Plain transformers
+loads a full folder as it is; rmtrain loads all three.
 """
 
 from __future__ import annotations
@@ -19,15 +20,31 @@ import torch
 from torch import nn
 
 from rmtrain.errors import ModelError, first_line
-from rmtrain.model import RewardModel, clear_gguf_quantization, find_head_name, head_module, is_encoder_config, run_in_fp32
+from rmtrain.model import (
+    Member,
+    Members,
+    RewardModel,
+    clear_gguf_quantization,
+    find_head_name,
+    head_kwargs,
+    head_module,
+    heads_of,
+    is_encoder_config,
+    run_in_fp32,
+)
 from rmtrain.tokenizer import TokenFormat, read_format, save_format
 
 
+ENSEMBLE_FILE = "rmtrain_ensemble.json"
+
+
 def folder_kind(path: Path, what: str = "model folder") -> str:
-    """"model" or "adapter"; anything else is a one-line error naming the folder and what it holds instead."""
+    """"model", "adapter" or "ensemble"; anything else is a one-line error naming the folder and what it holds instead."""
     if not path.is_dir():
         why = f"no such {what}" if not path.exists() else f"is a file, not a {what}"
         raise ModelError(f"{path}: {why}; give a finished run or a model folder")
+    if (path / ENSEMBLE_FILE).is_file():
+        return "ensemble"
     if (path / "adapter_config.json").is_file():
         return "adapter"
     if (path / "config.json").is_file():
@@ -96,7 +113,8 @@ def save_model_folder(
         config["dtype"] = str(dtype).removeprefix("torch.")
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(directory))
-    save_format(directory, fmt, max_length, **extra)
+    heads = heads_of(model)  # an adapter's base is rebuilt with them (its config.json is not in the folder)
+    save_format(directory, fmt, max_length, **({"heads": heads} if heads > 1 else {}) | extra)
 
 
 DEFAULT_MAX_LENGTH = 1024
@@ -155,9 +173,11 @@ def load_saved(path: str | Path, dtype: torch.dtype | None = None, text: SavedTe
     path = Path(path)
     kind = folder_kind(path)
     text = text or load_saved_text(path)
+    if kind == "ensemble":
+        return _load_members(path, dtype, text), text.max_length
     try:
         if kind == "adapter":
-            model = _load_adapter(path, dtype)
+            model = _load_adapter(path, dtype, text.format_extra.get("heads", 1))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
     except Exception as error:  # noqa: BLE001 -- a truncated weights file, a moved base model, an offline Hub: one line
@@ -173,9 +193,15 @@ def load_saved(path: str | Path, dtype: torch.dtype | None = None, text: SavedTe
     return RewardModel(model, text.tokenizer, text.fmt, head, head_name, weights_dtype, autocast), text.max_length
 
 
-def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
-    """Rebuild the base exactly as the run loaded it (recipe.yaml of the run, e.g. a gguf file), then the adapter."""
+def _load_adapter(path: Path, dtype: torch.dtype | None, heads: int = 1) -> nn.Module:
     import peft
+
+    return peft.PeftModel.from_pretrained(load_adapter_base(path, dtype, heads), str(path))
+
+
+def load_adapter_base(path: Path, dtype: torch.dtype | None, heads: int = 1) -> nn.Module:
+    """An adapter's base rebuilt exactly as the run loaded it (recipe.yaml of the run, e.g. a gguf file; else
+    adapter_config.json's base), with its `heads` and the adapter folder's pad token."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rmtrain.config import load_recipe
@@ -190,11 +216,57 @@ def _load_adapter(path: Path, dtype: torch.dtype | None) -> nn.Module:
         source, kwargs = "adapter_config.json base_model_name_or_path", {"dtype": dtype}
     if not name or (name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir()):
         raise ModelError(f"{path}: its base model {name!r} ({source}) is not there; put it back, or fix that path")
-    base = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kwargs)
+    base = AutoModelForSequenceClassification.from_pretrained(name, **kwargs, **head_kwargs(heads))
     if recipe_file.is_file():
         clear_gguf_quantization(base)
     base.config.pad_token_id = AutoTokenizer.from_pretrained(str(path)).pad_token_id
-    return peft.PeftModel.from_pretrained(base, str(path))
+    return base
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """An ensemble folder's rmtrain_ensemble.json: {"members": [{"folder", "from"}, ...], "base": folder or null}."""
+    try:
+        manifest = json.loads((path / ENSEMBLE_FILE).read_text())
+        folders = [path / m["folder"] for m in manifest["members"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{path / ENSEMBLE_FILE}: not an ensemble manifest rmtrain wrote ({first_line(error)})") from None
+    for folder in folders + ([path / manifest["base"]] if manifest.get("base") else []):
+        if not folder.is_dir():
+            raise ModelError(f"{path}: its member folder {folder.name} is missing; write the ensemble again (rmtrain ensemble)")
+    return manifest
+
+
+def _load_members(path: Path, dtype: torch.dtype | None, text: SavedText) -> RewardModel:
+    """Every member, each with its own head; adapters on one base load the base once, each adapter by its name."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    manifest = read_manifest(path)
+    members = []
+    try:
+        if manifest.get("base"):
+            base = AutoModelForSequenceClassification.from_pretrained(str(path / manifest["base"]), dtype=dtype)
+            model = None
+            for m in manifest["members"]:
+                if model is None:
+                    model = peft.PeftModel.from_pretrained(base, str(path / m["folder"]), adapter_name=m["folder"])
+                else:
+                    model.load_adapter(str(path / m["folder"]), adapter_name=m["folder"])
+            model.eval()
+            head_name = find_head_name(base, text.fmt.is_encoder)
+            members = [Member(model, head_module(model, head_name), m["folder"]) for m in manifest["members"]]
+            models = [model]
+        else:
+            models = [AutoModelForSequenceClassification.from_pretrained(str(path / m["folder"]), dtype=dtype).eval() for m in manifest["members"]]
+            head_name = find_head_name(models[0], text.fmt.is_encoder)
+            members = [Member(model, head_module(model, head_name)) for model in models]
+    except Exception as error:  # noqa: BLE001 -- a truncated weights file, a missing file: one line
+        raise ModelError(f"{path}: cannot load its members: {first_line(error)}") from None
+    for head in {id(m.head): m.head for m in members}.values():
+        run_in_fp32(head)
+    weights_dtype = next(models[0].parameters()).dtype
+    autocast = weights_dtype if weights_dtype in (torch.bfloat16, torch.float16) else None
+    return RewardModel(Members(models), text.tokenizer, text.fmt, members[0].head, head_name, weights_dtype, autocast, members)
 
 
 def merged_in_fp32(model: nn.Module) -> nn.Module:

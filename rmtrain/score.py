@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from rmtrain.aggregate import Aggregate, read
 from rmtrain.config import DataSource
 from rmtrain.errors import DataError
 from rmtrain.groups import Group, scoring_ids
@@ -56,11 +57,13 @@ def run_score(
     in_order: bool = False,
     log: RunLog | None = None,
     max_tokens_per_forward: int | str | None = "auto",
+    aggregate: Aggregate = Aggregate(),
 ) -> int:
     """`rmtrain score`: every row checked and tokenized before the output is opened; returns the row count.
 
     Batches hold at most `batch_size` sequences and `max_tokens_per_forward` tokens ("auto": as `rmtrain eval`),
-    longest first; each batch's lines are written as it finishes (`in_order`: buffered into input order).
+    longest first; each batch's lines are written as it finishes (`in_order`: buffered into input order). An ensemble's
+    rows carry `reward` (the `aggregate`), `reward_mean`, `reward_std` and `rewards` (each member's).
     """
     if out != "-" and not Path(out).parent.is_dir():
         raise DataError(f"--out: {out}: folder {Path(out).parent} does not exist; create it or pick another path")
@@ -74,7 +77,7 @@ def run_score(
     max_length = scoring_max_length(max_length, text.max_length)
     ids, truncated = tokenize_inputs(rows, name, field, text, max_length)  # every row, before the weights load
     rm, _ = load_saved(model_path, text=text)
-    inference = prepare_inference(rm, max_tokens_per_forward, batch_size)
+    inference = prepare_inference(rm, max_tokens_per_forward, batch_size, aggregate=aggregate)
     log = log or RunLog(enabled=inference.accelerator.is_main_process)
     scored = inference_set(inference, [Group(i, [], [seq], []) for i, seq in enumerate(ids)])
     waiting: dict[int, str] = {}
@@ -82,8 +85,9 @@ def run_score(
     with _output(out if inference.accelerator.is_main_process else os.devnull) as handle:
         for batch in score_batches(inference, scored.loader):
             keys = batch.keys.tolist()
-            for i, reward in zip(keys, rewards_of_batch(inference, batch).tolist()):
-                record = {"row": i + 1, "reward": reward, "tokens": len(ids[i])} | ({"truncated": True} if truncated[i] else {})
+            reading = read(inference.aggregate, rewards_of_batch(inference, batch))
+            for at, i in enumerate(keys):
+                record = {"row": i + 1} | reading.fields(at) | {"tokens": len(ids[i])} | ({"truncated": True} if truncated[i] else {})
                 waiting[i] = json.dumps(record)
             if not in_order:
                 handle.write("".join(waiting[i] + "\n" for i in keys))

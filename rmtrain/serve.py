@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from rmtrain.aggregate import Aggregate
 from rmtrain.errors import UserError
 from rmtrain.rounds import Overloaded, Scorer, ScoringFailed
 from rmtrain.routes import (
@@ -260,7 +261,8 @@ def _server_class():
 
 def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | str | None, max_wait_ms: float,
           batch_size: int, max_length: int | None, share_prefix: bool, log, door: Door | None = None,
-          max_texts: int | None = None, graceful_timeout_s: float = 30.0, model_name: str | None = None) -> None:
+          max_texts: int | None = None, graceful_timeout_s: float = 30.0, model_name: str | None = None,
+          aggregate: Aggregate = Aggregate()) -> None:
     """Load the model, then serve until SIGINT/SIGTERM (which finish what is in flight)."""
     import asyncio
     import signal
@@ -277,7 +279,7 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
     check_port(host, port)
     text = load_saved_text(model_path)
     rm, _ = load_saved(model_path, text=text)
-    inference = prepare_inference(rm, max_tokens_per_forward, batch_size, share_prefix)
+    inference = prepare_inference(rm, max_tokens_per_forward, batch_size, share_prefix, aggregate)
     scorer = Scorer(inference, max_wait_ms / 1000)
     tokens = Tokens(rm, scoring_max_length(max_length, text.max_length), max_texts)
     layout = inference.layout
@@ -286,6 +288,7 @@ def serve(model_path: str, host: str, port: int, max_tokens_per_forward: int | s
         + (" (segment attention)" if layout.mask_format == "segments" else "")
         + f", at most {inference.max_tokens or 'unbounded'} tokens and {batch_size} sequences per batch, "
         f"requests gathered for up to {max_wait_ms:g} ms, max_length {tokens.max_length}"
+        + (f", an ensemble of {rm.heads} read by {aggregate}" if rm.heads > 1 else "")
         + (", key required" if door.api_key else "")
     )
     app = create_app(scorer, tokens, door, model_name or model_path, str(Path(model_path).resolve()))

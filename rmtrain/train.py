@@ -27,7 +27,7 @@ from rmtrain.groups import Group, token_ids
 from rmtrain.inference import Inference, InferenceSet, evaluate_pairs, gather_per_item, inference_set
 from rmtrain.layout import Layout, choose_layout
 from rmtrain.log import RunLog, Throughput
-from rmtrain.loss import Objective, pair_stats
+from rmtrain.loss import Objective, bootstrap_weights, pair_stats
 from rmtrain.model import RewardModel, batch_rewards, load_reward_model, load_text_side
 from rmtrain.plot import plot_runs
 from rmtrain.runs import (
@@ -407,7 +407,7 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
                 with torch.no_grad():
                     rewards = torch.cat([batch_rewards(model, rm, chunk) for chunk in batch["chunks"]])
                 rewards.requires_grad_(True)
-                values[i] = objective.total(rewards, batch)
+                values[i] = objective.total(rewards, batch, head_weights(batch, rm.heads, t))
                 (gradient,) = torch.autograd.grad(values[i][0] * scale, rewards)
                 sizes = [chunk["num_completions"] for chunk in batch["chunks"]]
                 graph.extend((i, chunk, part) for chunk, part in zip(batch["chunks"], gradient.split(sizes)))
@@ -420,7 +420,7 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
                     if i < 0:  # idle: a forward and backward that add nothing
                         loss = rewards.sum() * 0.0
                     elif gradient is None:
-                        values[i] = objective.total(rewards, batch)
+                        values[i] = objective.total(rewards, batch, head_weights(batch, rm.heads, t))
                         loss = values[i][0] * scale
                     else:
                         loss = (rewards * gradient).sum()
@@ -438,6 +438,13 @@ def train_step(accelerator, model, optimizer, rm: RewardModel, passes: list[dict
     minimised, chosen, rejected, loss = (torch.cat([values[i][k].detach().reshape(-1) for i in range(len(passes))]) for k in range(4))
     counts = [sum(n) for n in zip(*(pass_counts(p) for p in passes))]
     return BatchResult(keys, chosen, rejected, loss, minimised.sum(), weight, nonfinite, skip, idle_no_grad + idle_graph, counts)
+
+
+def head_weights(batch: dict[str, Any], heads: int, t: TrainConfig) -> torch.Tensor | None:
+    """`train.head_bootstrap`: each head's Poisson(1) weight of each pair's row, on the rewards' device."""
+    if not t.head_bootstrap:
+        return None
+    return bootstrap_weights(batch["pair_key"].to(batch["pair_index"].device) // PAIR_KEY, heads, t.seed)
 
 
 def apply_step(accelerator, model, optimizer, t: TrainConfig, nonfinite: torch.Tensor) -> bool:

@@ -28,7 +28,7 @@ def hh_pairs(rm, shared_data, n=6, max_length=160):
 
 def rewards_and_grads(rm, batch):
     rm.model.zero_grad(set_to_none=True)
-    chosen, rejected = batch_rewards(rm.model, rm, batch)[batch["pair_index"]].unbind(1)
+    chosen, rejected = batch_rewards(rm.model, rm, batch)[:, 0][batch["pair_index"]].unbind(1)
     weights = torch.linspace(0.5, 1.5, chosen.numel())
     ((chosen - 2 * rejected) * weights).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in rm.model.named_parameters() if p.grad is not None}

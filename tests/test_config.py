@@ -80,7 +80,7 @@ def test_missing_required_keys_and_num_labels(tmp_path):
     found = problems(tmp_path, "model: {init_kwargs: {num_labels: 2}}\n")
     joined = "\n".join(found)
     assert "model.name_or_path: required" in joined
-    assert "model.init_kwargs.num_labels: a reward model always has num_labels=1" in joined
+    assert "model.init_kwargs.num_labels: a reward model's outputs are its heads; remove this key" in joined
     assert "data.train: required" in joined
     assert "train.output_dir: required" in joined
 

@@ -183,7 +183,7 @@ def binarized(rows: list[dict]) -> list[dict]:
 
 def rewards_and_grads(rm, batch):
     rm.model.zero_grad(set_to_none=True)
-    rewards = batch_rewards(rm.model, rm, batch)
+    rewards = batch_rewards(rm.model, rm, batch)[:, 0]
     (rewards * torch.linspace(0.5, 1.5, len(rewards))).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in rm.model.named_parameters() if p.grad is not None}
     return rewards.detach(), grads

@@ -50,7 +50,7 @@ def test_transformers_own_pooling_agrees_when_pad_is_distinct(qwen_rm):
     enc = tok(["one<|im_end|>", "two three four<|im_end|>"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = sequence_rewards(qwen_rm.model, qwen_rm.head, False, enc.input_ids, enc.attention_mask)
-        theirs = qwen_rm.model(**enc).logits[:, 0]
+        theirs = qwen_rm.model(**enc).logits
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
@@ -63,7 +63,7 @@ def test_encoder_keeps_cls_pooling(minilm):
     plain.eval()
     rm.model.eval()
     with torch.no_grad():
-        assert torch.allclose(sequence_rewards(rm.model, rm.head, True, enc.input_ids, enc.attention_mask), plain(**enc).logits[:, 0], atol=1e-6)
+        assert torch.allclose(sequence_rewards(rm.model, rm.head, True, enc.input_ids, enc.attention_mask), plain(**enc).logits, atol=1e-6)
 
 
 def test_pad_equal_to_eos_is_replaced_by_a_spare_special_token(smollm2):

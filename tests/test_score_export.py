@@ -115,7 +115,7 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     chat = read_jsonl(shared_data / "llamafactory_dpo_en_demo.jsonl", limit=3)
     chat = [r for r in chat if len(rm.tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False)) < 2000]
     pairs, _ = tokenize_rows(chat, "chat", rm.tokenizer, rm.fmt, 10_000, "filter")
-    ours = torch.stack(rewards_of(prepare_inference(rm), pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
+    ours = torch.stack([r[:, 0] for r in rewards_of(prepare_inference(rm), pairs)]).T.reshape(-1).tolist()  # every chosen, then every rejected
     as_completion = score_file(qwen_run, [{"prompt": r["prompt"], "completion": r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "pc", max_length=10_000)
     as_messages = score_file(qwen_run, [{"messages": r["prompt"] + r[s]} for s in ("chosen", "rejected") for r in chat], tmp_path, "msg", max_length=10_000, in_order=True)
     assert max(abs(a - b) for a, b in zip(as_completion, ours)) < 1e-5
@@ -123,7 +123,7 @@ def test_score_prompt_completion_and_messages_rows(qwen_run, tmp_path, shared_da
     # Standard text with an explicit prompt, the completion under either name.
     uf = [{k: r[k][:400] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(shared_data / "ultrafeedback_binarized_sample.jsonl", limit=3)]
     pairs, _ = tokenize_rows(uf, "uf", rm.tokenizer, rm.fmt, 10_000, "filter")
-    ours = torch.stack(rewards_of(prepare_inference(rm), pairs)).T.reshape(-1).tolist()  # every chosen, then every rejected
+    ours = torch.stack([r[:, 0] for r in rewards_of(prepare_inference(rm), pairs)]).T.reshape(-1).tolist()  # every chosen, then every rejected
     rows = [{"prompt": r["prompt"], ("response" if i % 2 else "completion"): r[s]} for s in ("chosen", "rejected") for i, r in enumerate(uf)]
     assert max(abs(a - b) for a, b in zip(score_file(qwen_run, rows, tmp_path, "uf"), ours)) < 1e-5
     # Longer than --max-length: the start is cut, as eval's `--truncation truncate` cuts it.
