@@ -94,6 +94,7 @@ def eval_command(
     max_tokens: str = typer.Option("auto", "--max-tokens-per-forward", help=MAX_TOKENS_HELP),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Resamples of prompts for the 95% intervals and paired differences (0: none)."),
     bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="Seed of the resamples: the same seed, the same intervals."),
+    aggregate: str = typer.Option("mean", "--aggregate", help=AGGREGATE_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks."),
 ) -> None:
     """Evaluate saved reward models on preference pairs, ranked lists or RewardBench 2 rows; several side by side."""
@@ -107,12 +108,15 @@ def eval_command(
             raise DataError(f"--bootstrap: expected 0 (no intervals) or at least 2 resamples, got {bootstrap}")
         if not 0 <= bootstrap_seed < 2**63:
             raise DataError(f"--bootstrap-seed: expected a number in [0, 2^63), got {bootstrap_seed}")
+        from rmtrain.aggregate import Aggregate
+
+        reading = Aggregate.parse(aggregate)
         tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
         from rmtrain.evaluate import run_eval
 
         run_eval(models, data, split, max_length, truncation, batch_size, json_out, subset_field, report, None, tokens,
-                 bootstrap, bootstrap_seed)
+                 bootstrap, bootstrap_seed, reading)
 
     _run(debug, action)
 

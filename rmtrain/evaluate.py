@@ -13,6 +13,8 @@ from typing import Any, Hashable
 import torch
 
 from rmtrain import rewardbench2
+from rmtrain.aggregate import Aggregate
+from rmtrain.compare import compare
 from rmtrain.config import DataSource
 from rmtrain.diagnostics import (
     REWARDBENCH_SECTIONS,
@@ -30,13 +32,13 @@ from rmtrain.groups import Group, rust_tokenizer, tokenize_rows
 from rmtrain.inference import evaluate_pairs, inference_set, prepare_inference
 from rmtrain.log import RunLog
 from rmtrain.loss import correct
-from rmtrain.compare import compare
 from rmtrain.outcomes import Outcomes, Resampling, Summary, outcomes_of, summarize
 from rmtrain.rows import check_single_shape
 from rmtrain.saved import SavedText, folder_kind, load_saved, load_saved_text, scoring_max_length
 from rmtrain.sources import read_rows
 from rmtrain.splits import EvalSet, RunData
 from rmtrain.stats import CONFIDENCE
+from rmtrain.uncertainty import ensemble_stats
 
 
 def subset_column(rows: list[dict[str, Any]], name: str, requested: str | None) -> str | None:
@@ -260,6 +262,7 @@ def run_eval(
     max_tokens_per_forward: int | str | None = "auto",
     bootstrap: int = 1000,
     bootstrap_seed: int = 0,
+    aggregate: Aggregate = Aggregate(),
 ) -> dict[str, Any]:
     """`rmtrain eval`: load saved models (full or adapter), score a preference file, or each eval source of a run when
     no file is given, print and save the metrics (for several sources: {"sources": {name: metrics}}; for several
@@ -269,7 +272,8 @@ def run_eval(
     tokenized once per distinct tokenization. Batches hold at most 2 * `batch_size` sequences and
     `max_tokens_per_forward` tokens ("auto": as `inference_tokens_per_forward` chooses), built as fit's periodic eval
     builds them. `bootstrap` resamples of prompts (0: none), drawn with `bootstrap_seed`, give every accuracy its
-    95% interval.
+    95% interval. An ensemble's rewards are read with `aggregate`; its members' own numbers join the results
+    ("ensemble").
     """
     from accelerate import PartialState
 
@@ -292,7 +296,7 @@ def run_eval(
     per_model: list[list[Evaluated]] = []
     for path, label, text, key in zip(paths, labels, texts, keys):
         rm, _ = load_saved(path, text=text)
-        inference = prepare_inference(rm, max_tokens_per_forward, 2 * batch_size)
+        inference = prepare_inference(rm, max_tokens_per_forward, 2 * batch_size, aggregate=aggregate)
         per_model.append([evaluate_part(inference, part, part.tokenized[key], bootstrap, bootstrap_seed) for part in parts])
         inference.accelerator.free_memory()  # the next model loads into the room this one leaves
         del rm, inference
@@ -415,6 +419,8 @@ def evaluate_part(inference, part: Part, tokenized: EvalSet, resamples: int, see
     subset_of = subsets_of_rows(groups, tokenized.rows, part.name, part.subset_field)
     details, records, list_records = diagnose(per_pair, groups, tokenized.rows, part.subset_field, subset_of)
     results = {**metrics, **details}
+    if inference.rm.heads > 1:
+        results["ensemble"] = ensemble_stats(groups, per_pair["group_heads"], inference.aggregate)
     start = time.perf_counter()
     outcomes = outcomes_of(per_pair, groups, tokenized.rows, subset_of, part.rb2)
     resampling = Resampling.of(outcomes, resamples, seed)

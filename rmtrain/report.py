@@ -92,6 +92,8 @@ def print_results(log: RunLog, title: str, results: dict[str, Any], brief: bool 
         print_best_of_k(console, results)
     if "rewardbench2" in results:
         print_rewardbench2(console, results["rewardbench2"])
+    if "ensemble" in results:
+        print_ensemble(console, results["ensemble"])
 
     calibration = results["calibration"]
     table = Table(title=f"calibration: ECE {_fmt(calibration['ece'])}")
@@ -126,6 +128,19 @@ def print_best_of_k(console, results: dict[str, Any]) -> None:
                       _value(entry["bestofk_mean_score"]), with_interval(entry["bestofk_regret"], entry.get("bestofk_regret_interval")),
                       _value(baselines.get("bestofk_longest_regret")), with_interval(entry["top1_accuracy"], entry.get("top1_interval")),
                       _value(baselines.get("top1_longest")), _value(baselines.get("top1_shortest")), _value(baselines.get("top1_random")))
+    console.print(table)
+
+
+def print_ensemble(console, block: dict[str, Any]) -> None:
+    """An ensemble's members alone, each aggregate's reading, and what their spread says about the ensemble's errors."""
+    members = ", ".join(_fmt(a) for a in block["member_accuracy"])
+    table = Table(title=f"ensemble of {block['members']}: members' accuracy {members} (mean {_fmt(block['mean_member_accuracy'])}); "
+                        f"spread flags errors: AUROC {_value(block['spread_auroc'])}; mean's ECE {_fmt(block['mean_ece'])}")
+    picks = any("bestofk_picked_score" in entry for entry in block["aggregates"].values())
+    for column in ("aggregate", "accuracy") + (("best-of-K picked score",) if picks else ()):
+        table.add_column(column, justify="left" if column == "aggregate" else "right")
+    for name, entry in block["aggregates"].items():
+        table.add_row(name, _value(entry["accuracy"]), *((_value(entry.get("bestofk_picked_score")),) if picks else ()))
     console.print(table)
 
 

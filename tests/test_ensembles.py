@@ -43,6 +43,38 @@ def test_every_aggregate_on_three_members_by_hand():
     assert str(Aggregate.parse("mean-std:1.5")) == "mean-std:1.5"
 
 
+def test_auroc_by_hand():
+    from rmtrain.uncertainty import auroc
+
+    # positives 3, 1; negatives 2, 0, 1: pairs (3>2,3>0,3>1) = 3, (1<2, 1>0, 1=1 -> 1/2) = 1.5; 4.5 / 6
+    assert auroc(torch.tensor([3.0, 2.0, 1.0, 0.0, 1.0]), torch.tensor([True, False, True, False, False])) == pytest.approx(0.75)
+    assert auroc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])) is None
+
+
+def test_ensemble_stats_on_two_pairs_and_a_list_by_hand():
+    """Three members; a pair (completions 0 > 1) and a graded list of three. Members' margins on the pairs, by hand:
+    pair: 1, -1, 2 ; list (0>1): 1, 1, -2 ; (0>2): 2, 0, 1 ; (1>2): 1, -1, 3."""
+    from rmtrain.uncertainty import ensemble_stats
+
+    pair = Group.of(0, [[1], [2]], [(0, 1)])
+    graded = Group.of(1, [[1], [2], [3]], [(0, 1), (0, 2), (1, 2)], scores=[3.0, 2.0, 1.0])
+    heads = [torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]),
+             torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])]
+    stats = ensemble_stats([pair, graded], heads, Aggregate.parse("mean-std:0.5"))
+    assert stats["members"] == 3
+    assert stats["member_accuracy"] == pytest.approx([1.0, 0.25, 0.75])
+    # mean margins: 2/3, 0, 1, 1 -> right, wrong, right, right; spreads (std of the margins): 1.247, 1.414, 0.816, 1.633
+    assert stats["aggregates"]["mean"]["accuracy"] == pytest.approx(0.75)
+    # the wrong pair's spread 1.414 is above two of the three right pairs' spreads
+    assert stats["spread_auroc"] == pytest.approx(2 / 3)
+    # min per completion: pair (0, 0) tie -> wrong; list (0, 0, -1): 0>1 tie wrong, 0>2 right, 1>2 right
+    assert stats["aggregates"]["min"]["accuracy"] == pytest.approx(0.5)
+    assert list(stats["aggregates"]) == ["mean", "min", "mean-std:1", "mean-std:0.5"]
+    # best-of-K: the mean picks completion 0 (means 1, 1, 0: a tie, argmax takes the first): score 3
+    assert stats["aggregates"]["mean"]["bestofk_picked_score"] == 3.0
+    assert stats["aggregates"]["min"]["bestofk_picked_score"] == 3.0
+
+
 @pytest.mark.parametrize("text", ["max", "mean-std", "mean-std:-1", "mean-std:x", "mean:1", ""])
 def test_an_aggregate_that_is_none_is_one_line(text):
     with pytest.raises(DataError, match=r"--aggregate: .* is not an aggregate; expected mean, min, or mean-std:LAMBDA"):
@@ -252,6 +284,8 @@ def test_heads_score_eval_and_export_as_their_mean(name, runs, shared_data, tmp_
     want = members.mean(1) - members.std(1, unbiased=False)
     assert torch.allclose(torch.tensor([r["reward"] for r in careful]), want, atol=1e-6)
 
+    check_eval_reads_the_members(run, heads, shared_data, tmp_path)
+
     out = tmp_path / "exported"
     result = export_model(str(run), str(out), merge=False, normalize="minilm" in name)
     assert len(json.loads((out / "config.json").read_text())["id2label"]) == 1
@@ -261,6 +295,33 @@ def test_heads_score_eval_and_export_as_their_mean(name, runs, shared_data, tmp_
     if result["stats"] is not None and "minilm" in name:
         ours = (ours - result["stats"]["mean"]) / result["stats"]["std"]
     assert (plain - ours).abs().max().item() < 1e-5
+
+
+def check_eval_reads_the_members(run: Path, heads: int, shared_data: Path, tmp_path: Path) -> None:
+    """`rmtrain eval --aggregate min`: its accuracy is the minimum's; each member's accuracy, the spread's AUROC and every
+    aggregate's accuracy are what the members' rewards from `rmtrain score` give, computed here by hand."""
+    from rmtrain.evaluate import run_eval
+
+    pairs = []
+    for r in read_jsonl(shared_data / HH)[2300:2312]:
+        prompt, chosen = r["chosen"][-700:].rsplit("\n\nAssistant:", 1)
+        rejected = r["rejected"].rsplit("\n\nAssistant:", 1)[1]
+        pairs.append({"prompt": prompt + "\n\nAssistant:", "chosen": chosen[:200], "rejected": rejected[:200]})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    results = run_eval(str(run), str(data), max_length=256, bootstrap=0, aggregate=Aggregate.parse("min"))
+    block = results["ensemble"]
+    assert block["members"] == heads and results["accuracy"] == block["aggregates"]["min"]["accuracy"]
+    chosen = torch.tensor([r["rewards"] for r in score_rows(run, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs], tmp_path, "c")])
+    rejected = torch.tensor([r["rewards"] for r in score_rows(run, [{"prompt": p["prompt"], "completion": p["rejected"]} for p in pairs], tmp_path, "r")])
+    margins = chosen - rejected
+    assert block["member_accuracy"] == pytest.approx((margins > 0).double().mean(0).tolist())
+    assert block["aggregates"]["mean"]["accuracy"] == pytest.approx((chosen.mean(1) > rejected.mean(1)).double().mean().item())
+    assert block["aggregates"]["min"]["accuracy"] == pytest.approx((chosen.min(1).values > rejected.min(1).values).double().mean().item())
+    wrong, spread = margins.mean(1) <= 0, margins.std(1, unbiased=False)
+    if wrong.any() and (~wrong).any():  # the share of (wrong, right) pairs whose spread is larger, ties 1/2
+        above = (spread[wrong][:, None] > spread[~wrong][None, :]).double() + 0.5 * (spread[wrong][:, None] == spread[~wrong][None, :]).double()
+        assert block["spread_auroc"] == pytest.approx(above.mean().item(), abs=1e-6)
 
 
 @pytest.mark.shared_data
@@ -359,8 +420,12 @@ def test_average_of_two_runs_is_their_weights_averaged_by_hand(runs, shared_data
     # One plain model: transformers loads it with one logit, rmtrain scores it as any run.
     model = AutoModelForSequenceClassification.from_pretrained(str(out))
     assert model.config.num_labels == 1
+    # Its format is a run's: plain transformers gets the same rewards once the EOS the run was trained with is appended
+    # (what `rmtrain export` builds into the tokenizer).
+    eos = json.loads((out / "rmtrain_format.json").read_text())["append_eos"]
     rows = text_rows(shared_data, 3)
-    assert [r["reward"] for r in score_rows(out, rows, tmp_path, "avg")] == pytest.approx(plain_rewards(out, rows), abs=1e-5)
+    plain = plain_rewards(out, [r | {"completion": r["completion"] + eos} for r in rows])
+    assert [r["reward"] for r in score_rows(out, rows, tmp_path, "avg")] == pytest.approx(plain, abs=1e-5)
 
 
 @pytest.mark.shared_data
