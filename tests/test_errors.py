@@ -55,7 +55,7 @@ def answer(text: str) -> list[dict]:
 class Ctx:
     tmp: Path
     models: dict[str, str]
-    """tiny-qwen3, tiny-qwen3-no-template, smollm2 (folder), smollm2-gguf (file name)."""
+    """tiny-qwen3, tiny-qwen3-no-template, smollm2 (folder), smollm2-gguf (file name), minilm."""
     before: dict | None = None
     """snapshot() of the output folder before the run, for cases that must leave it untouched."""
 
@@ -296,6 +296,26 @@ def second_model_adapter_without_its_base(ctx: Ctx) -> list[str]:
     args = adapter_without_its_base(ctx)
     (Path(args[1]) / "adapter_model.safetensors").write_bytes(b"adapter weights")
     return ["eval", ctx.models["tiny-qwen3"], *args[1:]]
+
+
+def runs_of_two_bases(ctx: Ctx) -> list[str]:
+    """Two finished 1-step runs, one from the tiny Qwen3, one from its copy without a chat template file."""
+    for name, model in (("run-a", "tiny-qwen3"), ("run-b", "tiny-qwen3-no-template")):
+        done = rmtrain_cli(*ctx.fit(model={"name_or_path": ctx.models[model]}, train={"output_dir": str(ctx.tmp / name)}))
+        assert done.returncode == 0, done.stderr[-2000:]
+    return ["average", str(ctx.tmp / "run-a"), str(ctx.tmp / "run-b"), "--out", str(ctx.tmp / "averaged")]
+
+
+def an_ensemble_folder(ctx: Ctx) -> Path:
+    """A folder `rmtrain ensemble` made (its manifest is what marks it)."""
+    folder = ctx.tmp / "ensemble"
+    folder.mkdir()
+    (folder / "rmtrain_ensemble.json").write_text('{"members": [], "base": null}\n')
+    return folder
+
+
+def nothing_averaged(ctx: Ctx) -> None:
+    assert not any(p.name.startswith((".averaged", "averaged", ".joined", "joined")) for p in ctx.tmp.iterdir())
 
 
 def strict_template(ctx: Ctx) -> Path:
@@ -664,6 +684,41 @@ CASES += [
     Case("eval-rewardbench2-ties-id", "eval, score, export, serve, plot, binarize", "a RewardBench 2 Ties row whose `id` is not `ref:N` or `tied:N`",
          lambda c: ["eval", c.models["tiny-qwen3"], "--data", str(c.data(RB2_ROWS + [{**RB2_ROWS[1], "id": "tied-3"}], name="rb2.jsonl"))],
          ["<tmp>/rb2.jsonl: row 3: a Ties row needs an 'id' of the form ref:N or tied:N (RewardBench 2), got 'tied-3'"]),
+    # Ensembles and weight averaging --------------------------------------------------------------------
+    Case("recipe-heads-zero", "Recipe", "`model.heads: 0`",
+         lambda c: c.fit(model={"heads": 0}), ["model.heads: must be >= 1, got 0"], runner="process"),
+    Case("recipe-head-bootstrap-one-head", "Recipe", "`train.head_bootstrap: true` with one head",
+         lambda c: c.fit(train={"head_bootstrap": True}),
+         ["train.head_bootstrap: needs model.heads >= 2 (each head its own bootstrap sample)"], runner="process"),
+    Case("score-aggregate-unknown", "eval, score, export, serve, plot, binarize", "`rmtrain score MODEL --aggregate max`",
+         lambda c: ["score", c.models["tiny-qwen3"], "--data", str(c.data()), "--aggregate", "max"],
+         ["--aggregate: 'max' is not an aggregate; expected mean, min, or mean-std:LAMBDA (e.g. mean-std:1.0)"]),
+    Case("ensemble-one-member", "Ensembles", "`rmtrain ensemble RUN --out DIR` (one member)",
+         lambda c: ["ensemble", c.models["tiny-qwen3"], "--out", str(c.tmp / "joined")],
+         ["rmtrain ensemble: give two or more members (finished runs or model folders)"], check=nothing_averaged),
+    Case("ensemble-other-tokenizer", "Ensembles", "`rmtrain ensemble` of a Qwen3 and a MiniLM (BERT) folder",
+         lambda c: ["ensemble", c.models["tiny-qwen3"], c.models["minilm"], "--out", str(c.tmp / "joined")],
+         ["<minilm>: reads text differently from <tiny-qwen3> (vocabulary, special tokens, "], check=nothing_averaged),
+    Case("ensemble-other-template", "Ensembles", "`rmtrain ensemble` of two folders whose chat templates differ",
+         lambda c: ["ensemble", c.models["tiny-qwen3"], c.models["tiny-qwen3-no-template"], "--out", str(c.tmp / "joined")],
+         ["<tiny-qwen3-no-template>: reads text differently from <tiny-qwen3> (chat template differ)"], check=nothing_averaged),
+    Case("ensemble-of-an-ensemble", "Ensembles", "`rmtrain ensemble` given an ensemble folder as a member",
+         lambda c: ["ensemble", str(an_ensemble_folder(c)), c.models["tiny-qwen3"], "--out", str(c.tmp / "joined")],
+         ["<tmp>/ensemble: is an ensemble already; give rmtrain ensemble its members instead"], check=nothing_averaged),
+    Case("ensemble-out-exists", "Ensembles", "`rmtrain ensemble A B --out DIR` where DIR exists, no `--overwrite`",
+         lambda c: ["ensemble", c.models["tiny-qwen3"], c.models["tiny-qwen3"], "--out", str(notes_folder(c))],
+         ["--out: <tmp>/notes exists; pass --overwrite to replace it, or choose another folder"]),
+    Case("average-not-a-run", "Ensembles", "`rmtrain average` of a model folder that is not a run (no recipe: its start is unknown)",
+         lambda c: ["average", c.models["tiny-qwen3"], c.models["tiny-qwen3"], "--out", str(c.tmp / "averaged")],
+         ["<tiny-qwen3>: not a run (no recipe.yaml), so where its weights started is unknown; average finished runs"],
+         check=nothing_averaged),
+    Case("average-weights-count", "Ensembles", "`rmtrain average A B --weights 1` (one weight for two runs)",
+         lambda c: ["average", c.models["tiny-qwen3"], c.models["tiny-qwen3"], "--out", str(c.tmp / "averaged"), "--weights", "1"],
+         ["--weights: 1 weights for 2 runs; give one per run"], check=nothing_averaged),
+    Case("average-other-bases", "Ensembles", "`rmtrain average` of two runs fine-tuned from different base models",
+         runs_of_two_bases,
+         ["<tmp>/run-b: fine-tuned from another start than <tmp>/run-a (name_or_path '<tiny-qwen3-no-template>' vs "
+          "'<tiny-qwen3>'); average runs of one base"], check=nothing_averaged),
     Case("eval-checkpoint-folder", "eval, score, export, serve, plot, binarize", "`rmtrain eval` on a checkpoint folder instead of its run",
          lambda c: (unfinished_run(c), ["eval", str(c.out / "checkpoints" / "checkpoint-2"), "--data", str(c.data())])[1],
          ["<tmp>/run/checkpoints/checkpoint-2: a training checkpoint (for --resume), not a model; use the run's folder "
@@ -679,7 +734,7 @@ OBSERVED: dict[str, tuple[int, list[str]]] = {}
 
 
 @pytest.fixture(scope="module")
-def models(tiny_qwen3, smollm2, tmp_path_factory) -> dict[str, str]:
+def models(tiny_qwen3, smollm2, minilm, tmp_path_factory) -> dict[str, str]:
     # The tiny Qwen3 without its chat template file (the files are links, so this costs nothing).
     bare = tmp_path_factory.mktemp("models") / "tiny-qwen3-no-template"
     bare.mkdir()
@@ -687,7 +742,8 @@ def models(tiny_qwen3, smollm2, tmp_path_factory) -> dict[str, str]:
         if item.name != "chat_template.jinja":
             (bare / item.name).symlink_to(item)
     assert "chat_template" not in (bare / "tokenizer_config.json").read_text()
-    return {"tiny-qwen3": tiny_qwen3, "tiny-qwen3-no-template": str(bare), "smollm2": smollm2[0], "smollm2-gguf": smollm2[1]}
+    return {"tiny-qwen3": tiny_qwen3, "tiny-qwen3-no-template": str(bare), "smollm2": smollm2[0], "smollm2-gguf": smollm2[1],
+            "minilm": minilm}
 
 
 def run_in_process(args: list[str]) -> tuple[int, str]:
@@ -715,7 +771,7 @@ def fresh_accelerate_state():
 
 def normalise(text: str, ctx: Ctx) -> str:
     replacements = {str(ctx.tmp): "<tmp>", ctx.models["tiny-qwen3-no-template"]: "<tiny-qwen3-no-template>",
-                    ctx.models["tiny-qwen3"]: "<tiny-qwen3>", ctx.models["smollm2"]: "<smollm2>", str(ROOT): "<repo>"}
+                    ctx.models["tiny-qwen3"]: "<tiny-qwen3>", ctx.models["smollm2"]: "<smollm2>", ctx.models["minilm"]: "<minilm>", str(ROOT): "<repo>"}
     for path in sorted(replacements, key=len, reverse=True):
         text = text.replace(path, replacements[path])
     return re.sub(r"--port \d+", "--port <port>", text)
