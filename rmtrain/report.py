@@ -133,15 +133,19 @@ def print_best_of_k(console, results: dict[str, Any]) -> None:
 
 def print_ensemble(console, block: dict[str, Any]) -> None:
     """An ensemble's members alone, each aggregate's reading, and what their spread says about the ensemble's errors."""
-    members = ", ".join(_fmt(a) for a in block["member_accuracy"])
-    table = Table(title=f"ensemble of {block['members']}: members' accuracy {members} (mean {_fmt(block['mean_member_accuracy'])}); "
-                        f"spread flags errors: AUROC {_value(block['spread_auroc'])}; mean's ECE {_fmt(block['mean_ece'])}")
     picks = any("bestofk_picked_score" in entry for entry in block["aggregates"].values())
-    for column in ("aggregate", "accuracy") + (("best-of-K picked score",) if picks else ()):
-        table.add_column(column, justify="left" if column == "aggregate" else "right")
+    table = Table(title=f"ensemble of {block['members']}")
+    for column in ("reading", "accuracy") + (("best-of-K picked",) if picks else ()):
+        table.add_column(column, justify="left" if column == "reading" else "right")
+    blank = ("",) if picks else ()
+    for i, accuracy in enumerate(block["member_accuracy"]):
+        table.add_row(f"member {i}", _fmt(accuracy), *blank)
+    table.add_row("members' mean", _fmt(block["mean_member_accuracy"]), *blank)
     for name, entry in block["aggregates"].items():
-        table.add_row(name, _value(entry["accuracy"]), *((_value(entry.get("bestofk_picked_score")),) if picks else ()))
+        table.add_row(f"aggregate {name}", _value(entry["accuracy"]), *((_value(entry.get("bestofk_picked_score")),) if picks else ()))
     console.print(table)
+    console.print(f"members' spread on a pair flags the mean's errors: AUROC {_value(block['spread_auroc'])} (0.5: not at all); "
+                  f"ECE of the mean {_fmt(block['mean_ece'])}")
 
 
 def print_rewardbench2(console, block: dict[str, Any]) -> None:
