@@ -20,7 +20,7 @@ def average_weights(weights: list[float] | None, runs: int) -> list[float]:
     if weights is None:
         return [1 / runs] * runs
     if len(weights) != runs:
-        raise DataError(f"--weights: {len(weights)} weights for {runs} runs; give one per run")
+        raise DataError(f"--weights: {len(weights)} weight{'s' if len(weights) != 1 else ''} for {runs} runs; give one per run")
     if any(not w >= 0 for w in weights) or not sum(weights) > 0:
         raise DataError(f"--weights: {weights}: each must be >= 0 and at least one > 0")
     return [w / sum(weights) for w in weights]

@@ -62,8 +62,8 @@ def check_same_text(first: Path, first_text: SavedText, other: Path, other_text:
     differences += [f"token format ({key})" for key in FORMAT_KEYS if getattr(first_text.fmt, key) != getattr(other_text.fmt, key)]
     if differences:
         raise ModelError(
-            f"{other}: reads text differently from {first} ({', '.join(differences)} differ); members must share a "
-            "tokenizer and token format (runs of one base model, or folders exported alike)"
+            f"{other}: reads text differently from {first} ({', '.join(differences)} differ{'s' if len(differences) == 1 else ''}); "
+            "members must share a tokenizer and token format (runs of one base model, or folders exported alike)"
         )
 
 

@@ -701,7 +701,7 @@ CASES += [
          ["<minilm>: reads text differently from <tiny-qwen3> (vocabulary, special tokens, "], check=nothing_averaged),
     Case("ensemble-other-template", "Ensembles", "`rmtrain ensemble` of two folders whose chat templates differ",
          lambda c: ["ensemble", c.models["tiny-qwen3"], c.models["tiny-qwen3-no-template"], "--out", str(c.tmp / "joined")],
-         ["<tiny-qwen3-no-template>: reads text differently from <tiny-qwen3> (chat template differ)"], check=nothing_averaged),
+         ["<tiny-qwen3-no-template>: reads text differently from <tiny-qwen3> (chat template differs)"], check=nothing_averaged),
     Case("ensemble-of-an-ensemble", "Ensembles", "`rmtrain ensemble` given an ensemble folder as a member",
          lambda c: ["ensemble", str(an_ensemble_folder(c)), c.models["tiny-qwen3"], "--out", str(c.tmp / "joined")],
          ["<tmp>/ensemble: is an ensemble already; give rmtrain ensemble its members instead"], check=nothing_averaged),
@@ -714,7 +714,7 @@ CASES += [
          check=nothing_averaged),
     Case("average-weights-count", "Ensembles", "`rmtrain average A B --weights 1` (one weight for two runs)",
          lambda c: ["average", c.models["tiny-qwen3"], c.models["tiny-qwen3"], "--out", str(c.tmp / "averaged"), "--weights", "1"],
-         ["--weights: 1 weights for 2 runs; give one per run"], check=nothing_averaged),
+         ["--weights: 1 weight for 2 runs; give one per run"], check=nothing_averaged),
     Case("average-other-bases", "Ensembles", "`rmtrain average` of two runs fine-tuned from different base models",
          runs_of_two_bases,
          ["<tmp>/run-b: fine-tuned from another start than <tmp>/run-a (name_or_path '<tiny-qwen3-no-template>' vs "
