@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Two workers, a test file each at a time (a file's module fixtures stay in one process), one torch thread each on
+# two cores; the slowest listed.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The slow checks in full (MiniLM on 1792 HH pairs, as in the README's accuracy table).
 test-full: $(STAMP)
-	HF_HUB_OFFLINE=1 RMTRAIN_FULL=1 $(BIN)/python -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 RMTRAIN_FULL=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow
 
 demo: $(STAMP)
 	$(BIN)/python scripts/make_demo_data.py --out data/demo
@@ -34,13 +36,15 @@ demo: $(STAMP)
 
 # rmtrain vs TRL 1.16 RewardTrainer on the same models, data and settings (TRL installed as the bench extra).
 # BENCH_ARGS=--quick for a short smoke run; then `rmtrain eval` vs TRL evaluate() (BENCH_EVAL_ARGS=--quick), ranked
-# lists vs TRL on their binarized pairs (BENCH_LISTS_ARGS), and `rmtrain serve` vs GRPOTrainer's in-process scoring.
+# lists vs TRL on their binarized pairs (BENCH_LISTS_ARGS), `rmtrain serve` vs GRPOTrainer's in-process scoring, and
+# ensembles, heads and weight averaging against a single model (BENCH_ENSEMBLES_ARGS; docs/ensembles.md).
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_eval.py $(BENCH_EVAL_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_lists.py $(BENCH_LISTS_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_serve.py $(BENCH_SERVE_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_ensembles.py $(BENCH_ENSEMBLES_ARGS)
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -380,6 +380,8 @@ def tokenize_parts(parts: list[Part], runs: list[RunData], texts: list[SavedText
             sets = run.eval_sets(text.tokenizer, text.fmt, max_length, truncation)
             if not parts:  # the held-out rows of data.eval_fraction: known once drawn
                 parts.extend(Part(s.name, s.rows, subset_field=subset_column(s.rows, s.name, subset_field)) for s in sets)
+            for part, tokenized in zip(parts, sets):
+                part.name = tokenized.name  # a source's name as fit logged it (`by_source`)
         else:
             sets = []
             for part in parts:

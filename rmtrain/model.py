@@ -43,7 +43,8 @@ class RewardModel:
 
 
 def heads_of(model: nn.Module) -> int:
-    return int(getattr(model.config, "num_labels", 1) or 1)
+    """The reward heads of a transformers model (its `num_labels`); 1 for a model without a config."""
+    return int(getattr(getattr(model, "config", None), "num_labels", 1) or 1)
 
 
 @dataclass

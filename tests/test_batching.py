@@ -17,7 +17,7 @@ from rmtrain.config import LoraConfig, ModelConfig
 from rmtrain.layout import choose_layout
 from rmtrain.groups import Group, tokenize_rows
 from rmtrain.model import batch_rewards, load_reward_model
-from tests.conftest import read_jsonl
+from tests.conftest import FULL, read_jsonl
 
 
 def hh_pairs(rm, shared_data, n=6, max_length=160):
@@ -85,6 +85,8 @@ def test_tiny_qwen3_eager_attention_float_mask(tiny_qwen3, shared_data):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="a minute on 2 cores (GGUF load, every layout twice); the tiny Qwen3's layouts run in make test; RMTRAIN_FULL=1 runs it")
 def test_smollm2_layouts_match_plain_with_and_without_lora(smollm2, shared_data):
     path, gguf = smollm2
     rm = load_reward_model(ModelConfig(name_or_path=path, gguf_file=gguf))

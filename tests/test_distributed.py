@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_recipe
+from tests.conftest import FULL, write_recipe
 from tests.launch import kill_everything, metrics, run_fit, start_fit
 
 pytestmark = pytest.mark.shared_data
@@ -120,7 +120,10 @@ def resumed_step(console: str) -> int:
     return int(found.group(2))
 
 
-@pytest.mark.parametrize("num_processes, stop_signal", [(1, signal.SIGINT), (2, signal.SIGTERM)])
+@pytest.mark.parametrize("num_processes, stop_signal", [
+    pytest.param(1, signal.SIGINT, marks=[pytest.mark.slow, pytest.mark.skipif(not FULL, reason="the 2-process case runs in make test; RMTRAIN_FULL=1 runs this one")]),
+    (2, signal.SIGTERM),
+])
 def test_kill_9_then_signal_then_resume_ends_as_an_uninterrupted_run(
     tmp_path, tiny_qwen3, shared_data, reference, num_processes, stop_signal
 ):

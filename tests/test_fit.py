@@ -129,6 +129,8 @@ def test_minilm_fit_save_and_plain_transformers_reload(tmp_path, minilm, shared_
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="80 s on 2 cores (GGUF load, fit, merge); LoRA with merge on the tiny Qwen3 runs in make test (test_recipes); RMTRAIN_FULL=1 runs it")
 def test_smollm2_lora_fit_adapter_and_merged_folder(tmp_path, smollm2, shared_data, capsys):
     """GGUF SmolLM2 + LoRA, in process (each GGUF load takes ~25 s here, so the adapter is loaded once more only):
     `rmtrain eval` of the adapter run reproduces its final eval; the merged folder gives the adapter's rewards;

@@ -206,5 +206,5 @@ def test_a_large_request_is_taken_in_parts_and_a_small_one_that_comes_meanwhile_
     for text in texts:
         future = scorer.rounds.submit(tokens.groups([(None, [text], "")])[0])
         scorer.score(scorer.rounds.take()[0])
-        alone.append(future.result()[0][0])
-    assert max(abs(a[0] - b) for a, b in zip(big.result(), alone)) < 1e-5
+        alone.append(future.result()[0].reward[0])
+    assert max(abs(a.reward[0] - b) for a, b in zip(big.result(), alone)) < 1e-5
