@@ -70,6 +70,43 @@ class ShuttingDown(Exception):
     """A body still arriving when the server began to stop: answered 503."""
 
 
+async def read_body(request, door: Door) -> Any:
+    """The request's body as JSON, read chunk by chunk: at most `door.max_body_bytes` (413), each chunk within
+    `door.read_timeout_s` (408), given up when the server begins to stop (503)."""
+    import asyncio
+
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > door.max_body_bytes:
+        raise TooLarge(f"body: {int(length):,} bytes, more than this server reads ({door.max_body_bytes:,}, --max-body-mb)")
+    chunks, size, stream = [], 0, request.stream().__aiter__()
+    stopping = asyncio.ensure_future(request.app.state.stopping.wait())
+    try:
+        while True:
+            chunk = asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({chunk, stopping}, timeout=door.read_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if chunk not in done:
+                chunk.cancel()
+                raise ShuttingDown() if stopping in done else Stalled()
+            try:
+                data = chunk.result()
+            except StopAsyncIteration:
+                break
+            size += len(data)
+            if size > door.max_body_bytes:
+                raise TooLarge(f"body: more than this server reads ({door.max_body_bytes:,} bytes, --max-body-mb)")
+            chunks.append(data)
+    finally:
+        stopping.cancel()
+    return parse_json(b"".join(chunks))
+
+
+def error_response(status: int, message: str):
+    """Every refusal in one shape: {"error": message}."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
 def create_app(scorer: Scorer, tokens: Tokens, door: Door | None = None, model_name: str = "rmtrain", root: str = ""):
     """The ASGI app: the routes of rmtrain.routes behind the door. `app.state.stopping` (an asyncio.Event, set from the
     event loop) makes bodies still arriving give up."""
@@ -84,9 +121,6 @@ def create_app(scorer: Scorer, tokens: Tokens, door: Door | None = None, model_n
     door = door or Door()
     created = int(time.time())
     in_flight = {"requests": 0}  # received and not yet answered (the event loop's thread alone counts them)
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -104,61 +138,36 @@ def create_app(scorer: Scorer, tokens: Tokens, door: Door | None = None, model_n
             message = f"{request.url.path}: {request.method} is not allowed here"
         else:
             message = str(exc.detail)
-        return error(exc.status_code, message)
+        return error_response(exc.status_code, message)
 
     @app.middleware("http")
     async def key(request: Request, call_next):
         if door.api_key and request.url.path != "/health":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or given != door.api_key:
-                return error(401, "Unauthorized: send the server's key as 'Authorization: Bearer KEY'")
+                return error_response(401, "Unauthorized: send the server's key as 'Authorization: Bearer KEY'")
         return await call_next(request)
-
-    async def read(request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > door.max_body_bytes:
-            raise TooLarge(f"body: {int(length):,} bytes, more than this server reads ({door.max_body_bytes:,}, --max-body-mb)")
-        chunks, size, stream = [], 0, request.stream().__aiter__()
-        stopping = asyncio.ensure_future(request.app.state.stopping.wait())
-        try:
-            while True:
-                chunk = asyncio.ensure_future(stream.__anext__())
-                done, _ = await asyncio.wait({chunk, stopping}, timeout=door.read_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-                if chunk not in done:
-                    chunk.cancel()
-                    raise ShuttingDown() if stopping in done else Stalled()
-                try:
-                    data = chunk.result()
-                except StopAsyncIteration:
-                    break
-                size += len(data)
-                if size > door.max_body_bytes:
-                    raise TooLarge(f"body: more than this server reads ({door.max_body_bytes:,} bytes, --max-body-mb)")
-                chunks.append(data)
-        finally:
-            stopping.cancel()
-        return parse_json(b"".join(chunks))
 
     async def answer(request: Request, parse, shape) -> JSONResponse:
         in_flight["requests"] += 1
         try:
             with scorer.rounds.arriving():
-                body = await read(request)
+                body = await read_body(request, door)
                 scoring = await run_in_threadpool(parse, body, tokens)
                 future = scorer.rounds.submit(scoring.groups)
             rewards = await asyncio.wrap_future(future)
         except BadRequest as exc:
-            return error(400, str(exc))
+            return error_response(400, str(exc))
         except Stalled:
-            return error(408, f"body: nothing arrived for {door.read_timeout_s:g} s (--read-timeout)")
+            return error_response(408, f"body: nothing arrived for {door.read_timeout_s:g} s (--read-timeout)")
         except TooLarge as exc:
-            return error(413, str(exc))
+            return error_response(413, str(exc))
         except ShuttingDown:
-            return error(503, "the server is shutting down")
+            return error_response(503, "the server is shutting down")
         except Overloaded as exc:
-            return error(503, str(exc))
+            return error_response(503, str(exc))
         except ScoringFailed as exc:
-            return error(500, str(exc))
+            return error_response(500, str(exc))
         finally:
             in_flight["requests"] -= 1
         return JSONResponse(shape(scoring, rewards, model_name))
