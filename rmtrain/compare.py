@@ -29,7 +29,7 @@ def compared_rows(outcomes: list[Outcomes], same_tokens: bool, whole: list[set])
     counts only where every model kept all its completions (`whole`: per model, its rows kept whole)."""
     rows = None
     for o, kept_whole in zip(outcomes, whole):
-        mine = set(o.pairs.rows) | set(o.lists.rows) | {item[0] for item in o.rb2}
+        mine = o.rows()
         if not same_tokens:
             mine -= set(o.lists.rows) - kept_whole  # lists this model kept only in part (their pairs too)
         rows = mine if rows is None else rows & mine
@@ -66,7 +66,7 @@ def compare(names: list[str], outcomes: list[Outcomes], resamples: int, seed: in
             entry["mcnemar"] = [None] + [mcnemar_entry(common[0], o, *binary, subset_of(name)) for o in common[1:]]
         metrics[name] = entry
     baselines = {name: e.value for name, e in summaries[0].estimates.items() if name.rsplit("/", 1)[-1] in BASELINES}
-    kept = [len(set(o.pairs.rows) | set(o.lists.rows) | {item[0] for item in o.rb2}) for o in outcomes]
+    kept = [len(o.rows()) for o in outcomes]
     return {
         "models": names,
         "rows": len(rows),

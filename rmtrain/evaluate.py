@@ -312,33 +312,29 @@ def run_eval(
             "models": {path: evaluated[index].results for path, evaluated in zip(paths, per_model)},
             "comparison": compare(paths, [evaluated[index].outcomes for evaluated in per_model], bootstrap, bootstrap_seed, same_tokens, whole),
         }
+    results = next(iter(everything.values())) if len(everything) == 1 else {"sources": everything}
     if is_main:
-        from rmtrain.report import print_comparison, print_results, write_report
+        from rmtrain.report import print_comparison, print_results, strict_json, write_report
 
         for index, part in enumerate(parts):
+            part_folder = None
+            if report_dir:
+                part_folder = Path(report_dir) if len(parts) == 1 else Path(report_dir) / f"{index}-{Path(part.name).stem}"
             for path, label, evaluated in zip(paths, labels, per_model):
                 title = f"eval: {path} on {part.name}" if len(paths) == 1 else f"eval: {label} = {path} on {part.name}"
                 print_results(log, title, evaluated[index].results, brief=len(paths) > 1)
-                if report_dir:
-                    folder = Path(report_dir)
-                    folder = folder if len(parts) == 1 else folder / f"{index}-{Path(part.name).stem}"
-                    folder = folder if len(paths) == 1 else folder / f"{label}-{Path(path).name}"
+                if part_folder:
+                    folder = part_folder if len(paths) == 1 else part_folder / f"{label}-{Path(path).name}"
                     write_report(folder, evaluated[index].results, evaluated[index].records, evaluated[index].list_records)
                     extra = ", lists.jsonl" if evaluated[index].list_records else ""
                     log.info(f"report: {folder} (metrics.json, pairs.jsonl{extra}, reward_histogram.png, reliability.png, reward_vs_length.png)")
             if len(paths) > 1:
                 comparison = everything[part.name]["comparison"]
                 print_comparison(log, f"{' vs '.join(labels)} on {part.name}", labels, comparison)
-                if report_dir:
-                    folder = Path(report_dir) if len(parts) == 1 else Path(report_dir) / f"{index}-{Path(part.name).stem}"
-                    from rmtrain.report import strict_json
-
-                    (folder / "comparison.json").write_text(strict_json(comparison) + "\n", encoding="utf-8")
-    results = next(iter(everything.values())) if len(everything) == 1 else {"sources": everything}
-    if is_main and json_out:
-        from rmtrain.report import strict_json
-
-        Path(json_out).write_text(strict_json(results) + "\n")
+                if part_folder:
+                    (part_folder / "comparison.json").write_text(strict_json(comparison) + "\n", encoding="utf-8")
+        if json_out:
+            Path(json_out).write_text(strict_json(results) + "\n")
     return results
 
 

@@ -60,6 +60,10 @@ class Outcomes:
     subset_of: dict[RowKey, str] | None
     rb2_rows_read: int = 0
 
+    def rows(self) -> set[RowKey]:
+        """Every row with an item: a pair, a list or a RewardBench 2 row."""
+        return set(self.pairs.rows) | set(self.lists.rows) | {item[0] for item in self.rb2}
+
     def only_rows(self, rows: set[RowKey], pair_keys: set[tuple]) -> "Outcomes":
         """The items of `rows` (pairs: of `pair_keys`), in the same order for every model."""
         lists = self.lists.only({k for k in self.lists.keys if k in rows})
@@ -128,7 +132,7 @@ class Resampling:
     @classmethod
     def of(cls, outcomes: Outcomes, resamples: int, seed: int) -> "Resampling":
         """Clusters of every row the outcomes hold (in row order), stratified by subset."""
-        rows = sorted(set(outcomes.pairs.rows) | set(outcomes.lists.rows) | {item[0] for item in outcomes.rb2})
+        rows = sorted(outcomes.rows())
         subset = outcomes.subset_of or {}
         numbers, stratum = cluster_numbers([outcomes.cluster_of[r] for r in rows], [subset.get(r) for r in rows])
         bootstrap = Bootstrap(stratum, resamples, seed) if resamples else None

@@ -179,9 +179,3 @@ def ties_score(outcomes: Outcomes, cluster: torch.Tensor, bootstrap: Bootstrap |
     score = combine(lambda *xs: sum(TIES_WEIGHTS[n] * x for n, x in zip(names, xs)), *(terms[n] for n in names))
     return score, terms
 
-
-def subset_score(is_ties: bool, outcomes: Outcomes, cluster: torch.Tensor, bootstrap: Bootstrap | None) -> Estimate:
-    """Ties by its formula, every other subset by the mean best-of-N credit (run_v2.py: `sum(results) / len(results)`)."""
-    if is_ties:
-        return ties_score(outcomes, cluster, bootstrap)[0]
-    return mean(outcomes.credit, cluster, bootstrap)

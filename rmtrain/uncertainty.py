@@ -65,5 +65,5 @@ def ensemble_stats(groups: Sequence[Group], heads: Sequence[torch.Tensor], chose
 
 
 def _pair_accuracy(groups: Sequence[Group], heads: Sequence[torch.Tensor], aggregate: Aggregate) -> float | None:
-    outcomes = [bool(r[better] > r[worse]) for g, h in zip(groups, heads) for r in (aggregate(h),) for better, worse in g.pairs]
-    return sum(outcomes) / len(outcomes) if outcomes else None
+    margins = member_margins(groups, [aggregate(h)[:, None] for h in heads])[:, 0]
+    return correct(margins, torch.zeros(())).double().mean().item() if margins.numel() else None
