@@ -52,7 +52,7 @@ class Aggregate:
 def spread(rewards: torch.Tensor) -> torch.Tensor:
     """The members' standard deviation [..., members] -> [...] (over the members themselves: no sample correction;
     0 for one member)."""
-    return rewards.std(-1, unbiased=False) if rewards.shape[-1] > 1 else torch.zeros(rewards.shape[:-1], dtype=rewards.dtype)
+    return rewards.std(-1, unbiased=False)
 
 
 class Reading(NamedTuple):

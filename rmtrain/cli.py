@@ -76,6 +76,13 @@ def tokens_per_forward(value: str) -> int | str | None:
     raise DataError(f"--max-tokens-per-forward: expected a number >= 16, auto or none, got {value!r}")
 
 
+def aggregate_option(text: str):
+    """The --aggregate option, parsed (rmtrain.aggregate imports torch: only once a command runs)."""
+    from rmtrain.aggregate import Aggregate
+
+    return Aggregate.parse(text)
+
+
 @app.command("eval")
 def eval_command(
     models: List[str] = typer.Argument(..., help="Saved model or run folders (full model or LoRA adapter); several are compared on the same rows."),
@@ -108,9 +115,7 @@ def eval_command(
             raise DataError(f"--bootstrap: expected 0 (no intervals) or at least 2 resamples, got {bootstrap}")
         if not 0 <= bootstrap_seed < 2**63:
             raise DataError(f"--bootstrap-seed: expected a number in [0, 2^63), got {bootstrap_seed}")
-        from rmtrain.aggregate import Aggregate
-
-        reading = Aggregate.parse(aggregate)
+        reading = aggregate_option(aggregate)
         tokens = tokens_per_forward(max_tokens)
         _quiet_libraries()
         from rmtrain.evaluate import run_eval
@@ -141,9 +146,7 @@ def score(
         if batch_size < 1 or (max_length is not None and max_length < 1):
             raise DataError("--batch-size and --max-length must be >= 1")
         tokens = tokens_per_forward(max_tokens)
-        from rmtrain.aggregate import Aggregate
-
-        reading = Aggregate.parse(aggregate)
+        reading = aggregate_option(aggregate)
         _quiet_libraries()
         from rmtrain.score import run_score
 
@@ -204,9 +207,7 @@ def serve(
         if max_body_mb <= 0 or max_texts < 1 or read_timeout <= 0 or graceful_timeout < 0:
             raise DataError("--max-body-mb and --read-timeout must be > 0, --max-texts-per-request >= 1, --graceful-timeout >= 0")
         tokens = tokens_per_forward(max_tokens)
-        from rmtrain.aggregate import Aggregate
-
-        reading = Aggregate.parse(aggregate)
+        reading = aggregate_option(aggregate)
         require_extra("serve", ("fastapi", "uvicorn"), "rmtrain serve")  # before anything heavy loads
         _quiet_libraries()
         from rmtrain.log import RunLog

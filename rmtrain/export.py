@@ -237,14 +237,15 @@ def export_model(
     out, run = Path(out_dir), Path(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out}: exists and is not empty; choose a new folder")
-    if folder_kind(run, "run or model folder") == "adapter" and not merge:
+    kind = folder_kind(run, "run or model folder")
+    if kind == "adapter" and not merge:
         raise ModelError(f"{run_dir}: is a LoRA adapter; pass --merge to write a plain model folder")
-    # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
-    if folder_kind(run, "run or model folder") == "ensemble":
+    if kind == "ensemble":
         raise ModelError(
             f"{run_dir}: an ensemble of separate models, which no one-model folder holds; score or serve it with rmtrain, "
             "or average runs from one base into one model (rmtrain average)"
         )
+    # fp32: LoRA merged and rewards checked at full precision (the folder is written in fp32).
     rm, max_length = load_saved(run, dtype=torch.float32)
     max_length = scoring_max_length(None, max_length)
     model = rm.model

@@ -188,9 +188,9 @@ class Scorer:
     """The worker that owns the model: it takes `rounds` of parts, scores them in batches (rmtrain.inference: the
     batches and the loop `rmtrain score` uses) and answers each job as soon as its last part is scored."""
 
-    def __init__(self, inference: Inference, max_wait_s: float, part_sequences: int | None = None):
+    def __init__(self, inference: Inference, max_wait_s: float):
         self.inference = inference
-        self.rounds = Rounds(max_wait_s, part_sequences=part_sequences or inference.max_sequences)
+        self.rounds = Rounds(max_wait_s, part_sequences=inference.max_sequences)
         self.stats = {"batches": 0, "sequences": 0, "computed_tokens": 0, "rounds": 0}
         self.thread: threading.Thread | None = None
 
@@ -225,7 +225,7 @@ class Scorer:
         groups = [g for part in parts for g in part.groups]
         owner = [p for p, part in enumerate(parts) for g in part.groups for _ in g.completions]  # part of each sequence
         sizes = [sum(len(g.completions) for g in part.groups) for part in parts]
-        starts, left = [sum(sizes[:p]) for p in range(len(parts))], list(sizes)  # left: sequences still to score
+        starts, left = [0, *itertools.accumulate(sizes)], list(sizes)  # left: sequences still to score
         loader, total = batches(self.inference, groups)
         rewards = torch.full((total, self.inference.rm.heads), float("nan"))
         failed: set[int] = set()
@@ -246,6 +246,8 @@ class Scorer:
 
 
     def _per_group(self, part: Part, rewards: torch.Tensor) -> list[Reading]:
-        """Each group's rewards read out as `rmtrain score` reads them (rmtrain.aggregate)."""
-        sizes = [len(g.completions) for g in part.groups]
-        return [read(self.inference.aggregate, r) for r in rewards.split(sizes)]
+        """Each group's rewards read out as `rmtrain score` reads them (rmtrain.aggregate): the part read at once, then
+        cut into its groups."""
+        whole = read(self.inference.aggregate, rewards)
+        bounds = [0, *itertools.accumulate(len(g.completions) for g in part.groups)]
+        return [Reading(*(None if values is None else values[a:b] for values in whole)) for a, b in zip(bounds, bounds[1:])]
